@@ -1,0 +1,1 @@
+"""Benchmarks: measurements against anchors, never timed assertions."""

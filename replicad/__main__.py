@@ -1,0 +1,5 @@
+import sys
+
+from replicad.cli import main
+
+sys.exit(main())
