@@ -37,8 +37,7 @@ def run(records: int = 20_000, out: Callable[[str], None] = print) -> None:
     sync = ReplicaSync(
         "user_profile",
         state=mirror.state(),
-        tree=mirror.tree,
-        leaves=mirror.leaves,
+        local=mirror,
         rng=rng,
         now=0.0,
         config=SyncConfig(snapshot_chunk=5_000),

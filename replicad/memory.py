@@ -55,9 +55,7 @@ class MemoryDataset:
         self._sorted: list[bytes] = []
         self._tree = MerkleTree(self._geometry)
         self._leaves = MemoryLeafIndex(self._geometry)
-        self.queue = VersionQueue(
-            epoch, max_entries=max_entries, max_keys=max_keys, policy=policy
-        )
+        self.queue = VersionQueue(epoch, max_entries=max_entries, max_keys=max_keys, policy=policy)
         self._meta = meta or MetaBlob(1, b"")
 
     # --- DatasetView
@@ -174,6 +172,8 @@ class MemoryMirror:
         self.staging_meta: MetaBlob | None = None
         self.progress: SnapshotProgress | None = None
         self.applied_batches = 0
+        self.live_commits = 0
+        """Commits that changed what readers see (live applies, promotions)."""
 
     def _area(self) -> _Area:
         return _Area({}, MerkleTree(self.geometry), MemoryLeafIndex(self.geometry))
@@ -189,7 +189,6 @@ class MemoryMirror:
     def state(self) -> ReplicaState:
         return ReplicaState(
             self.cursor,
-            self.live.tree.digest,
             0 if self.meta is None else self.meta.revision,
             self.progress,
         )
@@ -208,6 +207,7 @@ class MemoryMirror:
             if batch.meta is not None:
                 self.meta = batch.meta
             self.applied_batches += 1
+            self.live_commits += 1
             return True
         area = self._area() if batch.reset_staging else self.staging
         changes = self._changes(area, batch)
@@ -227,6 +227,7 @@ class MemoryMirror:
             self.meta = self.staging_meta or self.meta
             self.staging_meta = None
             self.progress = None
+            self.live_commits += 1
         else:
             self.progress = batch.progress
         self.applied_batches += 1
@@ -239,9 +240,7 @@ class MemoryMirror:
             final[key] = value
         for key in batch.deletes:
             final[key] = None
-        return [
-            (k, area.records.get(k), v) for k, v in final.items() if area.records.get(k) != v
-        ]
+        return [(k, area.records.get(k), v) for k, v in final.items() if area.records.get(k) != v]
 
     @staticmethod
     def _write(area: _Area, changes: list[Change]) -> None:

@@ -441,11 +441,11 @@ def _d_nodes_response(b: list[Any]) -> Message:
         raw = _typed(blob, bytes, "digest group")
         if len(raw) % DIGEST_BYTES:
             raise ProtocolError("digest group: length not a multiple of the digest size")
-        groups.append(
-            tuple(raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES))
-        )
+        groups.append(tuple(raw[i : i + DIGEST_BYTES] for i in range(0, len(raw), DIGEST_BYTES)))
     fan, depth = _list(geometry, "geometry", 2)
-    answer = NodeAnswer(_int(level, "level", 0, 64), _int(down, "levels_down", 0, 64), tuple(groups))
+    answer = NodeAnswer(
+        _int(level, "level", 0, 64), _int(down, "levels_down", 0, 64), tuple(groups)
+    )
     return MerkleNodesResponse(
         _dec_str(ds, "dataset"),
         _dec_cursor(cur),

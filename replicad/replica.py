@@ -60,7 +60,7 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from replicad.errors import MerkleError, ProtocolError, SyncUsageError
 from replicad.merkle import (
@@ -129,7 +129,6 @@ class ReplicaState:
     """What the adapter restores from the mirror at start-up."""
 
     cursor: Cursor | None = None
-    digest: Digest = EMPTY_DIGEST
     meta_revision: int = 0
     staging: SnapshotProgress | None = None
 
@@ -226,13 +225,28 @@ def _count(d: dict[str, int], key: str) -> None:
     d[key] = d.get(key, 0) + 1
 
 
+class LocalContent(Protocol):
+    """The replica's live content, as the machine sees it.
+
+    ``tree`` and ``leaves`` must describe the live dataset after every
+    committed Apply, including after staging was promoted (so they are read
+    through this object each time, never kept)."""
+
+    @property
+    def tree(self) -> MerkleTree: ...
+
+    @property
+    def leaves(self) -> LeafSource: ...
+
+
 class ReplicaSync:
     """Sync decisions for one dataset of one replica.
 
-    ``tree`` and ``leaves`` describe the replica's live content; the adapter
-    keeps them current as it applies batches (the machine reads them only
-    during a Merkle comparison). ``rng`` supplies backoff jitter. ``now`` is
-    the adapter's clock in seconds.
+    ``local`` exposes the replica's live Merkle tree and leaf listings; the
+    adapter keeps them current as it applies batches (the machine reads them
+    only to decide between Merkle and snapshot, and during a Merkle
+    comparison). ``rng`` supplies backoff jitter. ``now`` is the adapter's
+    clock in seconds.
     """
 
     def __init__(
@@ -240,19 +254,16 @@ class ReplicaSync:
         dataset: str,
         *,
         state: ReplicaState,
-        tree: MerkleTree,
-        leaves: LeafSource,
+        local: LocalContent,
         rng: random.Random,
         now: float,
         config: SyncConfig | None = None,
     ) -> None:
         self.dataset = dataset
         self.config = config or SyncConfig()
-        self._tree = tree
-        self._leaves = leaves
+        self._local = local
         self._rng = rng
         self.cursor: Cursor | None = state.cursor
-        self.digest: Digest = state.digest
         self.meta_revision = state.meta_revision
         self.stats = SyncStats()
         self.phase = Phase.IDLE
@@ -312,9 +323,11 @@ class ReplicaSync:
         if hint.dataset != self.dataset:
             return
         self._learn(hint.cursor)
-        if self.cursor is None or hint.cursor.epoch != self.cursor.epoch:
-            self._pull_wanted = True
-        elif hint.cursor.version > self.cursor.version:
+        if (
+            self.cursor is None
+            or hint.cursor.epoch != self.cursor.epoch
+            or hint.cursor.version > self.cursor.version
+        ):
             self._pull_wanted = True
         elif hint.cursor.version == self.cursor.version and hint.digest != self.digest:
             self._pull_wanted = True  # same version, other content: verify
@@ -371,8 +384,6 @@ class ReplicaSync:
             self._staging = None if batch.promote else batch.progress
         if batch.cursor is not None and (batch.target is Target.LIVE or batch.promote):
             self.cursor = batch.cursor
-            assert batch.expected_digest is not None
-            self.digest = batch.expected_digest
             self._finish(batch.kind, now)
         elif self.phase is Phase.SNAPSHOT and not self._streaming:
             self._snapshot_step()
@@ -384,6 +395,11 @@ class ReplicaSync:
         self._outstanding = None
         self._streaming = False
         self._fail(now, f"apply failed: {reason}")
+
+    @property
+    def digest(self) -> Digest:
+        """The live content's digest, read from the local tree."""
+        return self._local.tree.digest
 
     @property
     def busy(self) -> bool:
@@ -404,7 +420,9 @@ class ReplicaSync:
         self.stats.failures += 1
         self.stats.last_error = reason
         self._failures_in_row += 1
-        cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (self._failures_in_row - 1))
+        cap = min(
+            self.config.backoff_max, self.config.backoff_base * 2 ** (self._failures_in_row - 1)
+        )
         self._retry_at = now + self._rng.uniform(cap / 2, cap)
         self._pending = None
 
@@ -419,8 +437,10 @@ class ReplicaSync:
         self._merkle_attempts = 0
         self._streaming = False
         o = self.origin_cursor
-        if o is not None and self.cursor is not None and (
-            o.epoch != self.cursor.epoch or o.version > self.cursor.version
+        if (
+            o is not None
+            and self.cursor is not None
+            and (o.epoch != self.cursor.epoch or o.version > self.cursor.version)
         ):
             self._pull_wanted = True  # a hint arrived while we were busy
         else:
@@ -503,13 +523,12 @@ class ReplicaSync:
 
     def _begin_merkle(self) -> None:
         self.phase = Phase.MERKLE
+        tree = self._local.tree
         self._merkle = MerkleComparison(
-            self._tree,
-            self._leaves,
+            tree,
+            self._local.leaves,
             levels_per_query=self.config.merkle_levels_per_query,
-            max_leaves=max(
-                1, int(self._tree.geometry.leaves * self.config.merkle_max_leaf_fraction)
-            ),
+            max_leaves=max(1, int(tree.geometry.leaves * self.config.merkle_max_leaf_fraction)),
         )
         self._merkle_base = None
         self._merkle_step()
@@ -536,9 +555,7 @@ class ReplicaSync:
                 )
             )
 
-    def _on_merkle_answer(
-        self, cursor: Cursor, answer: NodeAnswer | LeafAnswer
-    ) -> None:
+    def _on_merkle_answer(self, cursor: Cursor, answer: NodeAnswer | LeafAnswer) -> None:
         cmp = self._merkle
         if cmp is None:
             raise ProtocolError("Merkle answer outside a Merkle repair")
@@ -557,22 +574,37 @@ class ReplicaSync:
             case DiffResponse():
                 self._on_diff(resp, now)
             case CursorUnservable():
-                if self.phase is Phase.SNAPSHOT or self._tree.digest.count == 0:
-                    self._begin_snapshot(fresh=True)
-                else:
-                    self._begin_merkle()
+                self._on_unservable(resp)
             case SnapshotChunk():
                 if self.phase is not Phase.SNAPSHOT:
                     raise ProtocolError("snapshot chunk outside a snapshot")
                 self._on_chunk(resp)
             case MerkleNodesResponse():
-                g = self._tree.geometry
+                g = self._local.tree.geometry
                 if resp.geometry != (g.fanout, g.depth):
                     self._begin_snapshot(fresh=True)  # trees cannot be compared
                     return
                 self._on_merkle_answer(resp.cursor, resp.answer)
             case MerkleLeavesResponse():
                 self._on_merkle_answer(resp.cursor, resp.answer)
+
+    def _on_unservable(self, resp: CursorUnservable) -> None:
+        if self.phase is Phase.SNAPSHOT or self._local.tree.digest.count == 0:
+            self._begin_snapshot(fresh=True)
+        elif self.phase is Phase.MERKLE:
+            # The repair's closing diff was refused. In the same epoch the
+            # refusal will repeat (too large, or history gone): a snapshot is
+            # the way forward. In a new epoch, compare again, a bounded
+            # number of times.
+            base = self._merkle_base
+            self._merkle_attempts += 1
+            same_epoch = base is not None and base.epoch == resp.cursor.epoch
+            if same_epoch or self._merkle_attempts >= self.config.max_merkle_attempts:
+                self._begin_snapshot(fresh=True)
+            else:
+                self._begin_merkle()
+        else:
+            self._begin_merkle()
 
     def _on_diff(self, resp: DiffResponse, now: float) -> None:
         if self.phase is Phase.SNAPSHOT:

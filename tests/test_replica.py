@@ -4,18 +4,20 @@ through the real responder and the real wire encoding."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicad.errors import SyncUsageError
+from replicad.loopback import LoopbackDriver as Driver
 from replicad.memory import MemoryDataset, MemoryMirror
-from replicad.merkle import Geometry
+from replicad.merkle import Geometry, MerkleTree
 from replicad.messages import Cursor, Hint
 from replicad.replica import Apply, Phase, ReplicaSync, Send, SyncConfig, Wait
-from replicad.responder import ResponderConfig
-from replicad.loopback import LoopbackDriver as Driver
+from replicad.responder import ResponderConfig, respond, snapshot_chunk
+from replicad.version_queue import policy_by_name
 
 EPOCH_A = b"A" * 16
 EPOCH_B = b"B" * 16
@@ -36,8 +38,7 @@ def make_replica(
     return ReplicaSync(
         "ds",
         state=mirror.state(),
-        tree=mirror.tree,
-        leaves=mirror.leaves,
+        local=mirror,
         rng=random.Random(seed),
         now=now,
         config=config,
@@ -100,7 +101,7 @@ def test_follows_writes_and_deletes_with_hints() -> None:
 
 def test_without_hint_the_safety_poll_pulls() -> None:
     origin = make_origin(5)
-    mirror, sync, driver = connect(origin, poll_interval=2.0)
+    mirror, _, driver = connect(origin, poll_interval=2.0)
     driver.run(0.0)
     origin.write({b"late": b"1"})
     wait = driver.run(1.0)  # before the poll interval: nothing
@@ -158,11 +159,11 @@ def test_epoch_change_repairs_with_merkle_shipping_only_differences() -> None:
 
 
 def test_history_truncated_falls_back_to_merkle() -> None:
-    origin = make_origin(40, max_keys=5)
+    origin = make_origin(40, geometry=Geometry(), max_keys=5)
     mirror, sync, driver = connect(origin)
     driver.run(0.0)
-    for i in range(10):  # many keys: the queue drops old entries
-        origin.write({b"k%05d" % i: b"again%d" % i, b"x%d" % i: b"y"})
+    for i in range(8):  # more keys than the queue may hold: old entries go
+        origin.write({b"k%05d" % i: b"again%d" % i})
     with pytest.raises(Exception):  # noqa: B017 - any CursorError subclass
         origin.keys_since(mirror.cursor)  # type: ignore[arg-type]
     sync.request_pull()
@@ -238,8 +239,37 @@ def test_snapshot_resumes_after_crash_instead_of_starting_over() -> None:
     driver2 = Driver(sync2, mirror, origin)
     driver2.run(5.0)
     assert_same(mirror, origin)
-    # resumed: 42 remaining records + 1 new = 7 chunks, then the catch-up diff
-    assert driver2.request_kinds == ["SnapshotRequest"] * 7 + ["DiffRequest"]
+    # resumed after k00027: k00028..k00068 (41, k00069 was deleted) + zzz is
+    # 42 records = 6 chunks of 7, then the catch-up diff; nothing re-sent
+    assert driver2.request_kinds == ["SnapshotRequest"] * 6 + ["DiffRequest"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_writes_racing_with_a_chunked_snapshot_land_on_one_version(stream: bool) -> None:
+    origin = make_origin(40)
+    mirror = MemoryMirror(origin.tree.geometry)
+    sync = make_replica(mirror, snapshot_stream=stream)
+    driver = Driver(sync, mirror, origin)
+    # a stream has one request; to race with it, crash the stream once
+    driver.fail_request = lambda n: stream and n == 1
+
+    def race(n: int) -> None:
+        # rewrite a key that is already staged, and delete another
+        origin.write({b"k%05d" % (n % 5): b"race%d" % n}, [b"k%05d" % (10 + n)])
+
+    driver.on_request = race
+    now = 0.0
+    for _ in range(5):
+        wait = driver.run(now)
+        if sync.ready:
+            break
+        now = wait.deadline or now
+    driver.on_request = None
+    assert sync.ready
+    assert sync.stats.digest_mismatches == 0
+    assert sync.stats.syncs == {"snapshot": 1}
+    assert mirror.live.records == origin.records
+    assert mirror.cursor == origin.cursor
 
 
 def test_usage_errors_are_local() -> None:
@@ -262,8 +292,6 @@ def test_answer_for_another_dataset_counts_as_failure() -> None:
     _, sync, _ = connect(origin)
     action = sync.next_action(0.0)
     assert isinstance(action, Send)
-    from replicad.responder import snapshot_chunk
-
     sync.response(snapshot_chunk(other, None, 10), 0.0)
     assert sync.stats.failures == 1
     assert "dataset" in sync.stats.last_error
@@ -277,8 +305,6 @@ def test_apply_failure_in_storage_backs_off_and_retries() -> None:
     origin.write({b"a": b"b"})
     sync.request_pull()
     assert isinstance(sync.next_action(0.0), Send)
-    from replicad.responder import respond
-
     req = sync._outstanding
     assert isinstance(req, Send)
     sync.response(respond(origin, req.request), 0.0)
@@ -325,8 +351,6 @@ op_st = st.one_of(
 def test_replica_only_shows_origin_states_and_converges(
     ops: list[tuple[object, ...]], max_entries: int, policy: str, stream: bool, seed: int
 ) -> None:
-    from replicad.version_queue import policy_by_name
-
     origin = MemoryDataset(
         "ds", EPOCH_A, geometry=SMALL, max_entries=max_entries, policy=policy_by_name(policy)
     )
@@ -345,11 +369,13 @@ def test_replica_only_shows_origin_states_and_converges(
 
     sync, driver = new_machine(0.0)
     applied_seen = 0
+    mismatches = 0
+    corrupted = False
 
     def check_visible() -> None:
         nonlocal applied_seen
-        if mirror.applied_batches != applied_seen and mirror.cursor is not None:
-            applied_seen = mirror.applied_batches
+        if mirror.live_commits != applied_seen and mirror.cursor is not None:
+            applied_seen = mirror.live_commits
             assert mirror.cursor in history, "replica shows a cursor the origin never had"
             assert mirror.live.records == history[mirror.cursor]
             assert mirror.tree.digest == _digest_of(mirror.live.records)
@@ -368,6 +394,7 @@ def test_replica_only_shows_origin_states_and_converges(
                 origin.lose_history(next(epochs))
                 record()
             case ("crash",):
+                mismatches += sync.stats.digest_mismatches
                 sync, driver = new_machine(now)
             case ("sync", fail_every):
                 n_fail = int(fail_every)  # type: ignore[call-overload]
@@ -379,30 +406,40 @@ def test_replica_only_shows_origin_states_and_converges(
                     check_visible()
 
                 driver.on_request = on_request
-                driver.fail_request = (lambda n: n % n_fail == 0) if n_fail else None
+                driver.fail_request = _every(n_fail)
                 for _ in range(3):
-                    wait = driver.run(now)
+                    wait = driver.run(now, max_steps=2_000)
                     check_visible()
                     if wait.deadline is not None:
                         now = max(now, wait.deadline)
             case ("corrupt", key):
                 k = bytes(key)  # type: ignore[arg-type]
                 if k in mirror.live.records:
+                    corrupted = True
                     old = mirror.live.records[k]
                     mirror.live.records[k] = old + b"!"
                     mirror.live.tree.update(k, old, old + b"!")
                     mirror.live.leaves.update(k, old, old + b"!")
-                    applied_seen = -1  # the corrupted state is not checked
+                    applied_seen = mirror.live_commits  # check from the next commit on
     # heal: no more faults, no more writes
     driver.on_request = check_visible_noop
     driver.fail_request = None
     for _ in range(20):
         sync.request_pull()
-        wait = driver.run(now)
+        wait = driver.run(now, max_steps=2_000)
         now = (wait.deadline or now) + 1.0
         if mirror.cursor == origin.cursor and mirror.live.records == origin.records:
             break
     assert_same(mirror, origin)
+    if not corrupted:
+        # without local corruption, a digest mismatch can only mean the
+        # protocol shipped a wrong state (and the check saved it)
+        assert mismatches + sync.stats.digest_mismatches == 0
+
+
+def _every(k: int) -> Callable[[int], bool] | None:
+    """Fail every k-th request (None: never)."""
+    return (lambda n: n % k == 0) if k else None
 
 
 def check_visible_noop(_: int) -> None:
@@ -410,8 +447,6 @@ def check_visible_noop(_: int) -> None:
 
 
 def _digest_of(records: dict[bytes, bytes]) -> object:
-    from replicad.merkle import MerkleTree
-
     tree = MerkleTree(SMALL)
     for k, v in records.items():
         tree.update(k, None, v)
