@@ -1,8 +1,8 @@
 """Run every benchmark and print one markdown table.
 
-    python -m benchmarks            # the real measurement (a few minutes)
-    python -m benchmarks --quick    # small sizes, seconds (a smoke run)
-    python -m benchmarks --only codec,merkle
+python -m benchmarks            # the real measurement (a few minutes)
+python -m benchmarks --quick    # small sizes, seconds (a smoke run)
+python -m benchmarks --only codec,merkle
 """
 
 from __future__ import annotations

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from replicad.errors import ProtocolError
 from replicad.frames import FrameDecoder, encode_frame
 from replicad.memory import MemoryMirror
-from replicad.messages import Message, Response, SnapshotRequest, from_wire, to_wire
+from replicad.messages import (
+    REQUEST_TYPES,
+    Message,
+    Response,
+    SnapshotRequest,
+    from_wire,
+    to_wire,
+)
 from replicad.replica import Apply, ReplicaSync, Send, Wait
 from replicad.responder import DatasetView, ResponderConfig, respond, snapshot_chunk
 
@@ -44,7 +51,7 @@ class Link:
         out = self.carry(msg)
         if type(out) is not type(msg):
             raise ProtocolError("loopback link changed the message type")
-        return out  # type: ignore[return-value]
+        return out
 
 
 class LoopbackDriver:
@@ -103,9 +110,9 @@ class LoopbackDriver:
         if isinstance(req, SnapshotRequest) and req.stream:
             self._stream(req, now)
             return
-        if not isinstance(action.request, type(req)):
-            raise ProtocolError("loopback link changed the request type")
-        resp = respond(self.server, req, self.config)  # type: ignore[arg-type]
+        if not isinstance(req, REQUEST_TYPES):
+            raise ProtocolError(f"{type(req).__name__} is not a request")
+        resp = respond(self.server, req, self.config)
         self.sync.response(self.link.carry_response(resp), now)
 
     def _stream(self, req: SnapshotRequest, now: float) -> None:

@@ -106,6 +106,7 @@ class MerkleLeavesRequest:
 
 
 Request: TypeAlias = DiffRequest | SnapshotRequest | MerkleNodesRequest | MerkleLeavesRequest
+REQUEST_TYPES = (DiffRequest, SnapshotRequest, MerkleNodesRequest, MerkleLeavesRequest)
 
 
 # --- responses ---------------------------------------------------------------

@@ -64,7 +64,6 @@ from typing import Protocol, TypeAlias
 
 from replicad.errors import MerkleError, ProtocolError, SyncUsageError
 from replicad.merkle import (
-    EMPTY_DIGEST,
     Digest,
     LeafAnswer,
     LeafQuery,

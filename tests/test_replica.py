@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,17 +25,17 @@ EPOCH_B = b"B" * 16
 SMALL = Geometry(fanout=4, depth=3)
 
 
-def make_origin(n: int = 0, *, geometry: Geometry = SMALL, **kw: object) -> MemoryDataset:
-    origin = MemoryDataset("ds", EPOCH_A, geometry=geometry, **kw)  # type: ignore[arg-type]
+def make_origin(n: int = 0, *, geometry: Geometry = SMALL, **kw: Any) -> MemoryDataset:
+    origin = MemoryDataset("ds", EPOCH_A, geometry=geometry, **kw)
     if n:
         origin.write({b"k%05d" % i: b"v%d" % i for i in range(n)})
     return origin
 
 
 def make_replica(
-    mirror: MemoryMirror, now: float = 0.0, seed: int = 1, **cfg: object
+    mirror: MemoryMirror, *, now: float = 0.0, seed: int = 1, **cfg: Any
 ) -> ReplicaSync:
-    config = SyncConfig(**{"snapshot_chunk": 7, **cfg})  # type: ignore[arg-type]
+    config = SyncConfig(**{"snapshot_chunk": 7, **cfg})
     return ReplicaSync(
         "ds",
         state=mirror.state(),
@@ -45,7 +46,7 @@ def make_replica(
     )
 
 
-def connect(origin: MemoryDataset, **cfg: object) -> tuple[MemoryMirror, ReplicaSync, Driver]:
+def connect(origin: MemoryDataset, **cfg: Any) -> tuple[MemoryMirror, ReplicaSync, Driver]:
     mirror = MemoryMirror(origin.tree.geometry)
     sync = make_replica(mirror, **cfg)
     return mirror, sync, Driver(sync, mirror, origin)
@@ -413,7 +414,8 @@ def test_replica_only_shows_origin_states_and_converges(
                     if wait.deadline is not None:
                         now = max(now, wait.deadline)
             case ("corrupt", key):
-                k = bytes(key)  # type: ignore[arg-type]
+                assert isinstance(key, bytes)
+                k = key
                 if k in mirror.live.records:
                     corrupted = True
                     old = mirror.live.records[k]

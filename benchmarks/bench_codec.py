@@ -1,0 +1,114 @@
+"""Benchmarks of the record codec on seed-like user profiles.
+
+Figures, over a batch of distinct seed-like records (``replicad.sample``; 27
+features: ints, floats, float32s, short strings, three dictionary-encoded
+strings, bools, a small int list; about 400 characters of compact JSON):
+
+* encoded size per record against ``json.dumps(record, separators=(",", ":"))``;
+* ``encode``, ``decode`` (to a dict), ``decode_values`` (the reader's list) and
+  ``encode`` + ``decode`` per record, in microseconds, with ``json.dumps`` /
+  ``json.loads`` of the same records as anchors.
+
+Times are per record over a loop through the batch (the loop's own overhead,
+a few tens of nanoseconds, is included), median of several runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.common import Row, median_time
+from replicad.codec import DatasetCodec
+from replicad.sample import seed_like_record, seed_like_schema
+
+_US = 1e6
+
+
+def _per_record(
+    fn: Callable[[Any], object], items: list[Any], *, number: int, repeat: int
+) -> float:
+    """Median microseconds per call of ``fn`` over ``items``."""
+
+    def batch() -> None:
+        for item in items:
+            fn(item)
+
+    return median_time(batch, number=number, repeat=repeat) / len(items) * _US
+
+
+def rows(quick: bool) -> list[Row]:
+    """The codec's figures; ``quick`` uses fewer records and runs."""
+    count, number, repeat = (100, 20, 3) if quick else (1_000, 100, 7)
+    codec = DatasetCodec([seed_like_schema()])
+    records = [seed_like_record(i) for i in range(count)]
+    encoded = [codec.encode(r) for r in records]
+    texts = [json.dumps(r, separators=(",", ":")) for r in records]
+
+    ours = sum(map(len, encoded)) / count
+    theirs = sum(len(t.encode()) for t in texts) / count
+    compact = json.JSONEncoder(separators=(",", ":")).encode
+    loads = json.loads
+    encode = codec.encode
+    decode = codec.decode
+    decode_values = codec.decode_values
+
+    def round_trip(record: dict[str, Any]) -> None:
+        decode(encode(record))
+
+    def json_round_trip(record: dict[str, Any]) -> None:
+        loads(compact(record))
+
+    t = {
+        "encode": _per_record(encode, records, number=number, repeat=repeat),
+        "dumps": _per_record(compact, records, number=number, repeat=repeat),
+        "decode": _per_record(decode, encoded, number=number, repeat=repeat),
+        "decode_values": _per_record(decode_values, encoded, number=number, repeat=repeat),
+        "loads": _per_record(loads, texts, number=number, repeat=repeat),
+        "both": _per_record(round_trip, records, number=number, repeat=repeat),
+        "json_both": _per_record(json_round_trip, records, number=number, repeat=repeat),
+    }
+    return [
+        Row(
+            "codec: encoded bytes per seed-like record",
+            ours,
+            "bytes",
+            anchor=theirs,
+            anchor_name="compact JSON",
+            target="ratio <= 0.4",
+            met=ours / theirs <= 0.4,
+        ),
+        Row("codec: encode", t["encode"], "us", t["dumps"], "json.dumps"),
+        Row("codec: decode (to dict)", t["decode"], "us", t["loads"], "json.loads"),
+        Row(
+            "codec: decode_values (list)",
+            t["decode_values"],
+            "us",
+            t["loads"],
+            "json.loads",
+            target="<= 1.5 us",
+            met=t["decode_values"] <= 1.5,
+        ),
+        Row(
+            "codec: encode + decode",
+            t["both"],
+            "us",
+            t["json_both"],
+            "json dumps + loads",
+            target="<= 5 us",
+            met=t["both"] <= 5.0,
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    for row in rows("--quick" in sys.argv):
+        ratio = f"  ratio {row.ratio:.3f}" if row.ratio is not None else ""
+        print(
+            f"{row.figure:44} {row.value:9.3f} {row.unit:5}"
+            f"  {row.anchor_name} {row.anchor or 0:.3f}{ratio}  {row.target} "
+            f"{'' if row.met is None else ('met' if row.met else 'NOT MET')}"
+        )

@@ -1,0 +1,1044 @@
+"""The record codec: keys, typed and opaque values, per-field dictionaries.
+
+Theory of operation
+-------------------
+A dataset is *typed* (it has a list of :class:`~replicad.schema.Schema`
+versions) or *opaque* (values are arbitrary bytes). :class:`DatasetCodec` turns
+a record into the value bytes the origin stores and ships, and back. It does no
+I/O and reads no clock; the only state it changes is its :class:`Dictionary`.
+
+Stored value bytes (the FORMAT document repeats this for other languages)::
+
+    value   = header payload
+    header  = 1 byte: 0x10 typed, 0x11 typed + Snappy,
+                      0x12 opaque, 0x13 opaque + Snappy
+              (high nibble: format revision 1; bit 1: opaque; bit 0: Snappy;
+               every other value is rejected)
+    payload = the bytes below, or their *raw* Snappy compression (the block
+              format: a varint of the uncompressed length, then the
+              compressed stream; no framing, no CRC)
+
+An opaque payload is the value itself. A typed payload is one msgpack array::
+
+    [schema_version, v1, v2, ..., vN]
+
+with exactly one element per field of schema ``schema_version``, in field
+order, so names are stored once per dataset (in the schema), never per record.
+Values use msgpack's smallest encodings: ``int`` as msgpack int, ``float`` as
+float 64, ``float32`` as float 32, ``bool``, ``str`` as UTF-8 str, ``bytes``
+as bin, ``list<T>`` as array, null as nil. A ``dictionary`` field holds the
+string's code in the field's dictionary (a non-negative int); when that
+dictionary is full, the string itself (see :class:`Dictionary`).
+
+Canonical encoding: after defaults are filled, the same record gives the same
+bytes for a given dictionary state, schema list and Snappy implementation.
+Every field is always written (no trailing-default trimming); an ``int`` given
+for a ``float``/``float32`` field is converted first (``1`` and ``1.0`` encode
+the same); ``bool`` is never accepted for ``int`` (nor ``int`` for ``bool``).
+Floats keep their IEEE bits (``-0.0`` and NaN payloads are preserved), so
+``decode(encode(r))`` re-encodes to the same bytes.
+
+Compression is per record, only where it pays: the payload is compressed when
+it is at least :data:`COMPRESS_MIN_BYTES` (128) long and Snappy saves at least
+10% (``compressed * 10 <= payload * 9``). This is a deterministic function of
+the payload, so it keeps the encoding canonical. Why 128: measured on typed
+payloads, Snappy never saved 10% below 128 bytes on numeric records (seed-like
+profiles, small-int lists, float32 embeddings) and did so for only ~25% of
+64-127 byte records with text or repeated strings (mean saving 7%, i.e. a few
+bytes), while every compressed record costs a Snappy call on *every read*.
+From 128 bytes text-like payloads compress (83% of them save 10% or more).
+Seed-like records (~100 bytes) are therefore stored raw and decode without
+Snappy.
+
+Size limit: ``max_value_bytes`` bounds the *uncompressed* payload (an opaque
+value's own length, a typed record's msgpack array), checked on encode
+(:class:`~replicad.errors.ValueTooLargeError`) and on decode before any Snappy
+decompression allocates (a claimed length above it is
+:class:`~replicad.errors.CorruptRecordError`). A reader's limit must be at least
+the writer's.
+
+Decoding checks the structure (header, Snappy, msgpack, schema version,
+number of values, dictionary codes) and raises only
+:class:`~replicad.errors.CorruptRecordError` for bytes that fail it; it does
+not re-check each value's type, which the origin checked on encode and which
+frames protect in transit with a checksum. Records of an older schema version
+decode with the later fields' defaults (nullable fields without a default
+read as ``None``); nothing is rewritten.
+
+Speed: encoders and decoders are generated per schema version at construction
+(straight-line Python, as :mod:`dataclasses` does for ``__init__``), with a
+type-check fast path per field and a slow path for conversions, defaults,
+nulls and errors; msgpack packers are reused.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import cramjam
+import msgpack
+
+from replicad.errors import (
+    CodecError,
+    CorruptRecordError,
+    FieldTypeError,
+    InvalidKeyError,
+    KeyTooLongError,
+    MissingFieldError,
+    RecordError,
+    SchemaError,
+    UnknownFieldError,
+    ValueTooLargeError,
+)
+from replicad.schema import (
+    FLOAT32_MAX,
+    INT64_MAX,
+    Field,
+    FieldType,
+    Schema,
+    check_name,
+    coerce_value,
+)
+
+MAX_KEY_BYTES = 511
+"""LMDB's key size limit; longer keys are rejected by :func:`check_key`."""
+
+DEFAULT_MAX_VALUE_BYTES = 1 << 20
+"""Default bound of an uncompressed value payload (1 MiB)."""
+
+COMPRESS_MIN_BYTES = 128
+"""Payloads shorter than this are never compressed (see the module doc)."""
+
+DEFAULT_DICTIONARY_ENTRIES = 65_536
+"""Default bound of entries per dictionary field (codes 0..65535)."""
+
+HEADER_TYPED = 0x10
+HEADER_TYPED_SNAPPY = 0x11
+HEADER_OPAQUE = 0x12
+HEADER_OPAQUE_SNAPPY = 0x13
+
+_H_TYPED = bytes([HEADER_TYPED])
+_H_TYPED_SNAPPY = bytes([HEADER_TYPED_SNAPPY])
+_H_OPAQUE = bytes([HEADER_OPAQUE])
+_H_OPAQUE_SNAPPY = bytes([HEADER_OPAQUE_SNAPPY])
+
+# cramjam's raw Snappy is the standard block format (python-snappy 0.7's
+# snappy.compress is this same function behind a bytes() copy).
+_compress_raw = cramjam.snappy.compress_raw
+_decompress_raw = cramjam.snappy.decompress_raw
+_unpackb = msgpack.unpackb
+
+# What a bad payload can make msgpack or cramjam raise.
+_DECODE_ERRORS = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    msgpack.UnpackException,
+    cramjam.DecompressionError,
+)
+
+
+def check_key(key: bytes) -> bytes:
+    """Return ``key`` if it can be stored, else raise.
+
+    Raises :class:`InvalidKeyError` for a key that is not ``bytes`` or is empty,
+    :class:`KeyTooLongError` for one longer than :data:`MAX_KEY_BYTES`.
+    """
+    if type(key) is not bytes:
+        if not isinstance(key, bytes):
+            raise InvalidKeyError(f"a key must be bytes, got {type(key).__name__}")
+        key = bytes(key)
+    if not key:
+        raise InvalidKeyError("a key cannot be empty")
+    if len(key) > MAX_KEY_BYTES:
+        raise KeyTooLongError(f"key of {len(key)} bytes is longer than {MAX_KEY_BYTES}")
+    return key
+
+
+# --- dictionary --------------------------------------------------------------
+
+
+class DictionaryEntry(NamedTuple):
+    """One dictionary addition: ``field``'s string ``value`` got ``code``."""
+
+    field: str
+    code: int
+    value: str
+
+
+class Dictionary:
+    """Append-only per-field string tables: string -> small int code.
+
+    A typed dataset shares one dictionary across its schema versions. Codes of a
+    field are 0, 1, 2, ... in the order strings were first encoded. Each field
+    holds at most ``max_entries_per_field`` strings; once a field is full, the
+    codec stores new strings of that field inline (plain msgpack strings) instead
+    of failing the write, so only the size suffers. Decoders accept both forms.
+
+    Every addition is also appended to one log, so :attr:`size` works as a
+    *mark*: the origin takes ``mark = dictionary.size`` before encoding a write
+    batch, persists :meth:`entries_since` ``(mark)`` in the same transaction,
+    and calls :meth:`truncate` ``(mark)`` if the write fails. Replicas
+    :meth:`apply` the shipped entries (idempotently). Marks are positions in
+    this object's log; :meth:`from_json` rebuilds the log field by field.
+
+    Not thread-safe; the codec mutates it during :meth:`DatasetCodec.encode`.
+    """
+
+    def __init__(self, max_entries_per_field: int = DEFAULT_DICTIONARY_ENTRIES) -> None:
+        """Raises :class:`CodecError` if the bound is not a positive int."""
+        if type(max_entries_per_field) is not int or max_entries_per_field < 1:
+            raise CodecError(
+                f"max_entries_per_field must be a positive int, got {max_entries_per_field!r}"
+            )
+        self._max = max_entries_per_field
+        self._strings: dict[str, list[str]] = {}
+        self._codes: dict[str, dict[str, int]] = {}
+        self._log: list[DictionaryEntry] = []
+
+    @property
+    def size(self) -> int:
+        """Total number of entries over all fields (also the current mark)."""
+        return len(self._log)
+
+    @property
+    def max_entries_per_field(self) -> int:
+        """The per-field bound."""
+        return self._max
+
+    def strings(self, field: str) -> tuple[str, ...]:
+        """The strings of ``field`` in code order (empty if it has none)."""
+        return tuple(self._strings.get(field, ()))
+
+    def code(self, field: str, value: str) -> int | None:
+        """The code of ``value`` in ``field``, or None if it has none."""
+        return self._codes.get(field, {}).get(value)
+
+    def value(self, field: str, code: int) -> str:
+        """The string of ``code`` in ``field``; raises :class:`CorruptRecordError`
+        if the dictionary has no such code."""
+        strings = self._strings.get(field, [])
+        if type(code) is not int or not 0 <= code < len(strings):
+            raise CorruptRecordError(
+                f"dictionary code {code!r} of field {field!r} is not in the dictionary "
+                f"({len(strings)} entries)"
+            )
+        return strings[code]
+
+    def is_full(self, field: str) -> bool:
+        """True when ``field`` holds ``max_entries_per_field`` strings."""
+        return len(self._strings.get(field, ())) >= self._max
+
+    def add(self, field: str, value: str) -> int | None:
+        """The code of ``value`` in ``field``, appending it if new.
+
+        Returns None, adding nothing, when ``value`` is new and the field is
+        full. Raises :class:`SchemaError` for an invalid field name and
+        :class:`FieldTypeError` for a value that is not a valid Unicode ``str``
+        (the dictionary is unchanged then).
+        """
+        strings, codes = self._table(field)
+        code = codes.get(value)
+        if code is not None:
+            return code
+        if type(value) is not str:
+            raise FieldTypeError(f"field {field!r}: expected str, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldTypeError(f"field {field!r}: string is not valid Unicode") from None
+        if len(strings) >= self._max:
+            return None
+        code = len(strings)
+        strings.append(value)
+        codes[value] = code
+        self._log.append(DictionaryEntry(field, code, value))
+        return code
+
+    def entries_since(self, mark: int) -> list[DictionaryEntry]:
+        """The entries added after ``mark`` (a past :attr:`size`), oldest first.
+
+        Raises :class:`CodecError` if ``mark`` is not in ``0..size``.
+        """
+        self._check_mark(mark)
+        return self._log[mark:]
+
+    def truncate(self, mark: int) -> None:
+        """Forget every entry added after ``mark`` (roll back a failed write).
+
+        Raises :class:`CodecError` if ``mark`` is not in ``0..size``; then
+        nothing changes. Records encoded with the forgotten codes must be
+        discarded too.
+        """
+        self._check_mark(mark)
+        log = self._log
+        while len(log) > mark:
+            entry = log.pop()
+            self._strings[entry.field].pop()
+            del self._codes[entry.field][entry.value]
+
+    def apply(self, entries: Iterable[Sequence[Any]]) -> int:
+        """Add entries shipped from the origin; returns how many were new.
+
+        Each entry is a :class:`DictionaryEntry` or any 3-item tuple or list
+        ``(field, code, value)`` (as msgpack or JSON bring it back).
+        Idempotent: an entry already present (same field, code and string) is
+        skipped, so a redundant or repeated pull is harmless. Raises
+        :class:`CorruptRecordError` for a malformed entry, a code that skips
+        ahead, a code or string that conflicts with an existing entry, or a
+        field beyond its bound; then every entry of this call is rolled back.
+        """
+        mark = len(self._log)
+        added = 0
+        try:
+            for entry in entries:
+                if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+                    raise CorruptRecordError(f"bad dictionary entry {entry!r}")
+                field, code, value = entry
+                if type(code) is not int or type(value) is not str or type(field) is not str:
+                    raise CorruptRecordError(f"bad dictionary entry {entry!r}")
+                try:
+                    strings, codes = self._table(field)
+                except SchemaError as exc:
+                    raise CorruptRecordError(f"bad dictionary entry {entry!r}: {exc}") from None
+                if 0 <= code < len(strings) and strings[code] == value:
+                    continue
+                if code != len(strings) or value in codes or code >= self._max:
+                    raise CorruptRecordError(
+                        f"dictionary entry {entry!r} conflicts with the {len(strings)} "
+                        f"entries of field {field!r}"
+                    )
+                strings.append(value)
+                codes[value] = code
+                self._log.append(DictionaryEntry(field, code, value))
+                added += 1
+        except BaseException:
+            self.truncate(mark)
+            raise
+        return added
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"max_entries_per_field": N, "fields": {"city": ["beijing", ...]}}``
+        (strings in code order; fields without entries are left out)."""
+        return {
+            "max_entries_per_field": self._max,
+            "fields": {name: list(s) for name, s in self._strings.items() if s},
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Dictionary:
+        """Rebuild a dictionary from :meth:`to_json` output.
+
+        Raises :class:`CorruptRecordError` for a malformed object (wrong shape,
+        duplicate strings in a field, more strings than the bound).
+        """
+        if not isinstance(obj, Mapping) or set(obj) != {"max_entries_per_field", "fields"}:
+            raise CorruptRecordError("a dictionary is {'max_entries_per_field': N, 'fields': {}}")
+        fields = obj["fields"]
+        if not isinstance(fields, Mapping):
+            raise CorruptRecordError("dictionary 'fields' must be an object")
+        try:
+            out = cls(obj["max_entries_per_field"])
+        except CodecError as exc:
+            raise CorruptRecordError(str(exc)) from None
+        for name, strings in fields.items():
+            if not isinstance(strings, list):
+                raise CorruptRecordError(f"dictionary field {name!r} must be a list of strings")
+            out.apply((name, code, s) for code, s in enumerate(strings))
+        return out
+
+    def _table(self, field: str) -> tuple[list[str], dict[str, int]]:
+        """The live (strings, codes) of ``field``, created empty if needed.
+
+        Codecs keep references to these objects: they are only ever mutated in
+        place, never replaced.
+        """
+        strings = self._strings.get(field)
+        if strings is None:
+            check_name(field)
+            strings = self._strings[field] = []
+            self._codes[field] = {}
+        return strings, self._codes[field]
+
+    def _check_mark(self, mark: int) -> None:
+        if type(mark) is not int or not 0 <= mark <= len(self._log):
+            raise CodecError(f"dictionary mark {mark!r} is outside 0..{len(self._log)}")
+
+
+# --- code generation ---------------------------------------------------------
+#
+# The per-field work of encode and decode is generated as straight-line Python
+# once per codec: each field's value becomes a local variable with a one-line
+# type check (the fast path); anything else (absent, None, an int for a float,
+# a float32 to round, a new dictionary string, an error) goes to that field's
+# slow-path function from _make_fixer. Field names are validated identifiers
+# and are inserted with repr(); nothing else from the schema reaches the source.
+
+
+class _Missing:
+    """The sentinel for a field absent from a record."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+_FLOAT32_LIMIT = repr(FLOAT32_MAX)
+
+
+def _needs_fix(ftype: FieldType, var: str) -> str:
+    """A Python condition, true when ``var`` must take the slow path.
+
+    Int overflow below INT64_MIN is left to msgpack (it raises OverflowError,
+    which the encoder turns into FieldTypeError); above INT64_MAX must be
+    checked here because msgpack would store it as uint64.
+    """
+    if ftype is FieldType.INT:
+        return f"{var}.__class__ is not int or {var} > {INT64_MAX}"
+    if ftype is FieldType.FLOAT32:
+        return (
+            f"{var}.__class__ is not float or {var} < -{_FLOAT32_LIMIT} or {var} > {_FLOAT32_LIMIT}"
+        )
+    cls = {
+        FieldType.FLOAT: "float",
+        FieldType.BOOL: "bool",
+        FieldType.STR: "str",
+        FieldType.BYTES: "bytes",
+    }[ftype]
+    return f"{var}.__class__ is not {cls}"
+
+
+def _array_header_len(count: int) -> int:
+    return 1 if count <= 15 else 3 if count <= 0xFFFF else 5
+
+
+def _precision(field: Field) -> int:
+    """32 or 64 for fields holding floats, 0 for fields both packers pack alike."""
+    if field.type is FieldType.FLOAT32:
+        return 32
+    if field.type is FieldType.FLOAT:
+        return 64
+    return 0
+
+
+def _make_fixer(field: Field) -> Callable[[Any], Any]:
+    """The slow path of one field: absent, null, conversions, errors."""
+    name = field.name
+    default = field.default
+    nullable = field.nullable
+
+    def fix(value: Any) -> Any:
+        if value is _MISSING:
+            if default is not None:
+                return default
+            if nullable:
+                return None
+            raise MissingFieldError(f"field {name!r} is required (no default, not nullable)")
+        if value is None:
+            if nullable:
+                return None
+            raise FieldTypeError(f"field {name!r} is not nullable, got None")
+        return coerce_value(field, value)
+
+    return fix
+
+
+def _make_dict_fixer(field: Field, dictionary: Dictionary) -> Callable[[Any], Any]:
+    """The slow path of a dictionary field: returns a code, the string itself
+    (field full) or None; appends new strings to the dictionary."""
+    name = field.name
+    plain = _make_fixer(field)
+    add = dictionary.add
+
+    def fix(value: Any) -> Any:
+        value = plain(value)
+        if value is None:
+            return None
+        code = add(name, value)
+        return value if code is None else code
+
+    return fix
+
+
+class _Generator:
+    """Writes the source of one typed codec's encode and decode functions."""
+
+    def __init__(
+        self,
+        schemas: tuple[Schema, ...],
+        dictionary: Dictionary,
+        max_value_bytes: int,
+        compress: bool,
+    ) -> None:
+        self.schemas = schemas
+        self.latest = schemas[-1]
+        self.fields = self.latest.fields
+        self.dictionary = dictionary
+        self.max_value_bytes = max_value_bytes
+        self.compress = compress
+        self.ns: dict[str, Any] = {
+            "Corrupt": CorruptRecordError,
+            "DECODE_ERRORS": _DECODE_ERRORS,
+            "unpackb": _unpackb,
+            "compress_raw": _compress_raw,
+            "H": _H_TYPED,
+            "HZ": _H_TYPED_SNAPPY,
+            "log": dictionary._log,
+            "truncate": dictionary.truncate,
+        }
+        for i, field in enumerate(self.fields):
+            if field.dictionary:
+                strings, codes = dictionary._table(field.name)
+                self.ns[f"S{i}"] = strings
+                self.ns[f"CODES{i}"] = codes
+                self.ns[f"FIX{i}"] = _make_dict_fixer(field, dictionary)
+            else:
+                self.ns[f"FIX{i}"] = _make_fixer(field)
+            self.ns[f"D{i}"] = field.default
+
+    # --- encode
+
+    def _check_lines(self) -> tuple[list[str], list[str]]:
+        """Per-field fast-path checks, and the expression of each stored value."""
+        out: list[str] = []
+        exprs: list[str] = []
+        for i, field in enumerate(self.fields):
+            v = f"v{i}"
+            if field.dictionary:
+                out += [
+                    "try:",
+                    f"    c{i} = CODES{i}[{v}]",
+                    "except (KeyError, TypeError):",
+                    f"    c{i} = FIX{i}({v})",
+                ]
+                exprs.append(f"c{i}")
+                continue
+            exprs.append(v)
+            guard = f"{v} is not None and " if field.nullable else ""
+            if not field.is_list:
+                test = _needs_fix(field.type, v)
+                out += [
+                    f"if {guard}({test}):" if guard else f"if {test}:",
+                    f"    {v} = FIX{i}({v})",
+                ]
+                continue
+            out += [
+                f"if {guard}{v}.__class__ is not list:",
+                f"    {v} = FIX{i}({v})",
+                f"elif {v} is not None:" if guard else "else:",
+                f"    for x in {v}:",
+                f"        if {_needs_fix(field.type, 'x')}:",
+                f"            {v} = FIX{i}({v})",
+                "            break",
+            ]
+        return out, exprs
+
+    def _pack_expression(self, exprs: list[str]) -> tuple[str, bool]:
+        """The expression packing the record, and whether it includes the
+        header byte.
+
+        msgpack packs floats as 32 or 64 bits per packer, not per value. With
+        one float precision, one packer packs the whole array (the header byte
+        is added after). With both, the array is split into runs of one
+        precision, packed as lists whose array headers are cut off, and joined
+        behind the header byte and one array header for the whole array.
+        """
+        runs: list[tuple[int, list[str]]] = [(0, [str(self.latest.version)])]
+        for field, expr in zip(self.fields, exprs, strict=True):
+            p = _precision(field)
+            last_p, items = runs[-1]
+            if p and last_p and p != last_p:
+                runs.append((p, [expr]))
+            else:
+                runs[-1] = (last_p or p, [*items, expr])
+        self.ns["pack64"] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self.ns["pack32"] = msgpack.Packer(
+            use_bin_type=True, autoreset=True, use_single_float=True
+        ).pack
+        if len(runs) == 1:
+            p, items = runs[0]
+            return f"pack{p or 64}([{', '.join(items)}])", False
+        self.ns["PREFIX"] = _H_TYPED + msgpack.Packer().pack_array_header(len(exprs) + 1)
+        parts = ["PREFIX"]
+        for p, items in runs:
+            if len(items) == 1:
+                parts.append(f"pack{p}({items[0]})")
+            else:
+                cut = _array_header_len(len(items))
+                parts.append(f"pack{p or 64}([{', '.join(items)}])[{cut}:]")
+        return f"b''.join(({', '.join(parts)}))", True
+
+    def encode_source(self) -> str:
+        latest = self.latest
+        count = len(self.fields)
+        names = latest.names
+        name_set = frozenset(names)
+        has_dict = any(f.dictionary for f in self.fields)
+        fields = self.fields
+        max_value_bytes = self.max_value_bytes
+
+        def as_mapping(record: object) -> dict[Any, Any]:
+            if not isinstance(record, Mapping):
+                raise RecordError(f"a record must be a mapping, got {type(record).__name__}")
+            return dict(record)
+
+        def check_unknown(record: Mapping[Any, Any]) -> None:
+            for key in record:
+                if key not in name_set:
+                    raise UnknownFieldError(
+                        f"unknown field {key!r} (schema version {latest.version})"
+                    )
+
+        def fill(record: Mapping[str, Any]) -> tuple[Any, ...]:
+            get = record.get
+            return tuple([get(name, _MISSING) for name in names])
+
+        def pack_failed(exc: Exception, values: tuple[Any, ...]) -> None:
+            for field, value in zip(fields, values, strict=True):
+                if value is not None and not field.dictionary:
+                    coerce_value(field, value)  # raises FieldTypeError for the culprit
+            raise RecordError(f"record cannot be packed: {exc}") from exc
+
+        def too_large(size: int) -> None:
+            raise ValueTooLargeError(
+                f"encoded record of {size} bytes is larger than {max_value_bytes}"
+            )
+
+        self.ns.update(
+            N=count,
+            GET=operator.itemgetter(*names),
+            as_mapping=as_mapping,
+            check_unknown=check_unknown,
+            fill=fill,
+            pack_failed=pack_failed,
+            too_large=too_large,
+        )
+        variables = ", ".join(f"v{i}" for i in range(count))
+        checks, exprs = self._check_lines()
+        stored = ", ".join(exprs)
+        pack, with_header = self._pack_expression(exprs)
+        body = [
+            *checks,
+            "try:",
+            f"    {'value' if with_header else 'payload'} = {pack}",
+            "except (ValueError, TypeError, OverflowError) as exc:",
+            f"    pack_failed(exc, ({stored},))",
+            "n = len(value) - 1" if with_header else "n = len(payload)",
+            f"if n > {max_value_bytes}:",
+            "    too_large(n)",
+        ]
+        src = [
+            "def encode(record):",
+            "    if record.__class__ is not dict:",
+            "        record = as_mapping(record)",
+            "    if len(record) != N:",
+            "        check_unknown(record)",
+            "    try:",
+            f"        ({variables},) = {'GET(record)' if count > 1 else '(GET(record),)'}",
+            "    except KeyError:",
+            "        check_unknown(record)",
+            f"        ({variables},) = fill(record)",
+        ]
+        if has_dict:
+            src += ["    mark = len(log)", "    try:"]
+            src += ["        " + line for line in body]
+            src += [
+                "    except BaseException:",
+                "        if len(log) != mark:",
+                "            truncate(mark)",
+                "        raise",
+            ]
+        else:
+            src += ["    " + line for line in body]
+        if self.compress:
+            src += [
+                f"    if n >= {COMPRESS_MIN_BYTES}:",
+                f"        z = compress_raw({'value[1:]' if with_header else 'payload'})",
+                "        if len(z) * 10 <= n * 9:",
+                "            return HZ + z",
+            ]
+        src += ["    return value" if with_header else "    return H + payload", ""]
+        return "\n".join(src)
+
+    # --- decode
+
+    def _resolve(self, i: int, src: str, target: str) -> list[str]:
+        """Lines storing the string of the dictionary value ``src`` of field i in
+        ``target`` (a code, an inline string, or None when nullable)."""
+        field = self.fields[i]
+        none_ok = " and c is not None" if field.nullable else ""
+        return [
+            f"c = {src}",
+            "if c.__class__ is int:",
+            f"    if c < 0 or c >= len(S{i}):",
+            f"        bad_code({field.name!r}, c, len(S{i}))",
+            f"    {target} = S{i}[c]",
+            f"elif c.__class__ is not str{none_ok}:",
+            f"    bad_code({field.name!r}, c, len(S{i}))",
+        ]
+
+    def _dict_lines(self, schema: Schema) -> list[str]:
+        """Build dict ``d`` from ``vals`` (a version-``schema`` array whose
+        length is already checked)."""
+        count = len(schema.fields)
+        out = [
+            f"(_, {', '.join(f'a{i}' for i in range(count))},) = vals",
+            f"d = COPY{schema.version}()",
+        ]
+        for i, field in enumerate(schema.fields):
+            if field.dictionary:
+                out += self._resolve(i, f"a{i}", f"d[{field.name!r}]")
+                out += ["else:", f"    d[{field.name!r}] = c"]
+            else:
+                out.append(f"d[{field.name!r}] = a{i}")
+        for i in range(count, len(self.fields)):
+            field = self.fields[i]
+            if field.is_list and field.default is not None:
+                out.append(f"d[{field.name!r}] = list(D{i})")
+        return out
+
+    def _list_lines(self, schema: Schema) -> list[str]:
+        """Turn ``vals`` (a version-``schema`` array) into the latest value list."""
+        count = len(schema.fields)
+        out = ["del vals[0]"]
+        for i, field in enumerate(schema.fields):
+            if field.dictionary:
+                out += self._resolve(i, f"vals[{i}]", f"vals[{i}]")
+        tail = [
+            f"list(D{i})" if f.is_list and f.default is not None else f"D{i}"
+            for i, f in enumerate(self.fields[count:], start=count)
+        ]
+        if tail:
+            out.append(f"vals += ({', '.join(tail)},)")
+        return out
+
+    def decode_source(self) -> str:
+        latest = self.latest
+        fields = self.fields
+        for schema in self.schemas:
+            template: dict[str, Any] = dict.fromkeys(latest.names)
+            for field in fields[len(schema.fields) :]:
+                template[field.name] = None if field.is_list else field.default
+            self.ns[f"COPY{schema.version}"] = template.copy
+
+        def bad_code(name: str, code: object, size: int) -> None:
+            raise CorruptRecordError(
+                f"dictionary code {code!r} of field {name!r} is not in the dictionary "
+                f"({size} entries)"
+            )
+
+        def bad_msgpack(exc: Exception) -> None:
+            raise CorruptRecordError(f"bad msgpack payload: {exc}") from exc
+
+        def old_version(vals: object, to_dict: bool) -> Any:
+            if not isinstance(vals, list) or not vals:
+                raise CorruptRecordError("a typed record is a non-empty msgpack array")
+            version = vals[0]
+            decoders = self.ns["DICT_DECODERS" if to_dict else "LIST_DECODERS"]
+            if version.__class__ is not int or version not in decoders:
+                known = ", ".join(str(s.version) for s in self.schemas)
+                raise CorruptRecordError(f"unknown schema version {version!r} (known: {known})")
+            expected = len(self.schemas[version - self.schemas[0].version].fields)
+            if len(vals) != expected + 1:
+                raise CorruptRecordError(
+                    f"schema version {version} record has {len(vals) - 1} values, "
+                    f"expected {expected}"
+                )
+            return decoders[version](vals)
+
+        self.ns.update(bad_code=bad_code, bad_msgpack=bad_msgpack, old_version=old_version)
+        self.ns["payload_of"] = None  # set by the codec (it owns the size limit)
+        ind = "    "
+        src: list[str] = []
+        for schema in self.schemas:
+            src.append(f"def dict_v{schema.version}(vals):")
+            src += [ind + line for line in self._dict_lines(schema)]
+            src += ["    return d", ""]
+            src.append(f"def list_v{schema.version}(vals):")
+            src += [ind + line for line in self._list_lines(schema)]
+            src += ["    return vals", ""]
+        prologue = [
+            "    if not data:",
+            "        raise Corrupt('empty value')",
+            "    if data[0] == 16:",
+            "        payload = data[1:]",
+            "    else:",
+            "        payload = payload_of(data)",
+            "    try:",
+            "        vals = unpackb(payload)",
+            "    except DECODE_ERRORS as exc:",
+            "        bad_msgpack(exc)",
+            f"    if (vals.__class__ is not list or len(vals) != {len(fields) + 1} "
+            f"or vals[0] != {latest.version} or vals[0].__class__ is not int):",
+        ]
+        src += ["def decode(data):", *prologue, "        return old_version(vals, True)"]
+        src += [ind + line for line in self._dict_lines(latest)]
+        src += ["    return d", ""]
+        src += ["def decode_values(data):", *prologue, "        return old_version(vals, False)"]
+        src += [ind + line for line in self._list_lines(latest)]
+        src += ["    return vals", ""]
+        return "\n".join(src)
+
+    def build(self) -> dict[str, Any]:
+        """Compile both sources; the namespace holds ``encode``, ``decode``,
+        ``decode_values`` and the per-version decoders."""
+        for name, source in (("encode", self.encode_source()), ("decode", self.decode_source())):
+            self.ns[f"SOURCE_{name}"] = source
+            exec(compile(source, f"<replicad.codec {name}>", "exec"), self.ns)
+        self.ns["DICT_DECODERS"] = {s.version: self.ns[f"dict_v{s.version}"] for s in self.schemas}
+        self.ns["LIST_DECODERS"] = {s.version: self.ns[f"list_v{s.version}"] for s in self.schemas}
+        return self.ns
+
+
+def _snappy_length(data: bytes | bytearray | memoryview) -> int:
+    """The uncompressed length a raw Snappy block (after our header byte)
+    claims, or -1 if its varint is truncated or longer than 5 bytes."""
+    result = 0
+    shift = 0
+    for i in range(1, min(len(data), 6)):
+        byte = data[i]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result
+        shift += 7
+    return -1
+
+
+# --- the codec ---------------------------------------------------------------
+
+
+class DatasetCodec:
+    """Encodes and decodes one dataset's values (see the module doc for the format).
+
+    ``schemas`` is every schema version of a typed dataset, oldest first
+    (version 1, 2, ..., each an append-only evolution of the one before), or
+    None for an opaque dataset. ``dictionary`` is the dataset's
+    :class:`Dictionary` (a new empty one if omitted); the codec appends to it
+    while encoding dictionary fields. ``max_value_bytes`` bounds uncompressed
+    payloads; ``compress`` enables per-record Snappy on encode (decoding handles
+    both either way).
+
+    Raises :class:`SchemaError` for an empty or inconsistent schema list and
+    :class:`CodecError` for a bad limit. Not thread-safe (encode mutates the
+    dictionary); decoding never mutates anything.
+    """
+
+    encode: Callable[[Mapping[str, Any]], bytes]
+    """``encode(record)``: the canonical value bytes of a typed record, under
+    the latest schema.
+
+    Absent fields get their default (None for nullable fields without one).
+    Raises :class:`UnknownFieldError`, :class:`MissingFieldError`,
+    :class:`FieldTypeError` (wrong type, None in a non-nullable field, a value
+    out of range, a string that is not valid Unicode), :class:`RecordError`
+    (not a mapping; an opaque dataset) or :class:`ValueTooLargeError`. After an
+    error the dictionary is as it was before the call.
+
+    (``encode``, ``decode`` and ``decode_values`` are functions generated for
+    the codec's schemas and stored on the instance, which saves a method call
+    on the hot path.)
+    """
+
+    decode: Callable[[bytes | bytearray | memoryview], dict[str, Any]]
+    """``decode(data)``: a typed record as a new dict of the latest schema's
+    fields.
+
+    Old schema versions get the later fields' defaults (None for nullable
+    fields without one); dictionary fields come back as strings. Raises
+    :class:`CorruptRecordError` for anything that is not a record of a known
+    schema version (and for every value of an opaque dataset).
+    """
+
+    decode_values: Callable[[bytes | bytearray | memoryview], list[Any]]
+    """``decode_values(data)``: a typed record's values as a new list in the
+    latest schema's field order.
+
+    The fast path for readers: index it with :meth:`field_index`. Same filling
+    and errors as :attr:`decode`.
+    """
+
+    def __init__(
+        self,
+        schemas: Sequence[Schema] | None,
+        dictionary: Dictionary | None = None,
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        compress: bool = True,
+    ) -> None:
+        if type(max_value_bytes) is not int or max_value_bytes < 1:
+            raise CodecError(f"max_value_bytes must be a positive int, got {max_value_bytes!r}")
+        self._dictionary = dictionary if dictionary is not None else Dictionary()
+        self._max_value_bytes = max_value_bytes
+        self._compress = bool(compress)
+        self.sources: dict[str, str] = {}
+        """The generated source, by name (for debugging)."""
+        if schemas is None:
+            self._schemas: tuple[Schema, ...] = ()
+            self._names: tuple[str, ...] = ()
+            self._index: dict[str, int] = {}
+            self.encode = self._opaque_encode
+            self.decode = self._opaque_decode
+            self.decode_values = self._opaque_decode
+            return
+        if isinstance(schemas, Schema):
+            raise SchemaError("pass the list of all schema versions, not one Schema")
+        self._schemas = tuple(schemas)
+        if not self._schemas:
+            raise SchemaError("a typed dataset needs at least one schema")
+        for schema in self._schemas:
+            if not isinstance(schema, Schema):
+                raise SchemaError(f"expected Schema objects, got {type(schema).__name__}")
+        if self._schemas[0].version != 1:
+            raise SchemaError(
+                f"the schema list must start at version 1, got {self._schemas[0].version}"
+            )
+        for old, new in zip(self._schemas, self._schemas[1:], strict=False):
+            Schema.check_evolution(old, new)
+        self._names = self._schemas[-1].names
+        self._index = {name: i for i, name in enumerate(self._names)}
+        ns = _Generator(self._schemas, self._dictionary, max_value_bytes, self._compress).build()
+        ns["payload_of"] = self._typed_payload
+        self.encode = ns["encode"]
+        self.decode = ns["decode"]
+        self.decode_values = ns["decode_values"]
+        self.sources = {"encode": ns["SOURCE_encode"], "decode": ns["SOURCE_decode"]}
+
+    # --- properties
+
+    @property
+    def is_typed(self) -> bool:
+        """True for a typed dataset, False for an opaque one."""
+        return bool(self._schemas)
+
+    @property
+    def schema(self) -> Schema | None:
+        """The latest schema (what :meth:`encode` writes), None if opaque."""
+        return self._schemas[-1] if self._schemas else None
+
+    @property
+    def schemas(self) -> tuple[Schema, ...]:
+        """Every schema version, oldest first (empty if opaque)."""
+        return self._schemas
+
+    @property
+    def dictionary(self) -> Dictionary:
+        """The dataset's dictionary (shared with codecs made by :meth:`with_schema`)."""
+        return self._dictionary
+
+    @property
+    def max_value_bytes(self) -> int:
+        """The bound of an uncompressed payload."""
+        return self._max_value_bytes
+
+    @property
+    def compress(self) -> bool:
+        """Whether encoding tries Snappy."""
+        return self._compress
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """The latest schema's field names: the order of :meth:`decode_values`."""
+        return self._names
+
+    def field_index(self, name: str) -> int:
+        """The position of field ``name`` in :meth:`decode_values`'s list.
+
+        Raises :class:`UnknownFieldError` if the latest schema has no such field.
+        """
+        try:
+            return self._index[name]
+        except KeyError:
+            raise UnknownFieldError(f"unknown field {name!r}") from None
+
+    def with_schema(self, schema: Schema) -> DatasetCodec:
+        """A codec for the next schema version; it still decodes every old one.
+
+        The new codec shares this codec's dictionary and settings. Raises
+        :class:`SchemaError` if ``schema`` is not an append-only evolution of
+        the latest schema, or the dataset is opaque. ``self`` is unchanged.
+        """
+        if not self._schemas:
+            raise SchemaError("an opaque dataset has no schema to evolve")
+        Schema.check_evolution(self._schemas[-1], schema)
+        return DatasetCodec(
+            (*self._schemas, schema),
+            self._dictionary,
+            max_value_bytes=self._max_value_bytes,
+            compress=self._compress,
+        )
+
+    # --- typed records (the encode/decode functions are generated in __init__)
+
+    def _opaque_encode(self, _: object) -> Any:
+        raise RecordError("this dataset is opaque: use encode_opaque(value)")
+
+    def _opaque_decode(self, _: object) -> Any:
+        raise CorruptRecordError("this dataset is opaque: use decode_opaque(data)")
+
+    def _typed_payload(self, data: bytes | bytearray | memoryview) -> Any:
+        """The msgpack payload of a typed value whose header is not 0x10."""
+        head = data[0]
+        if head == HEADER_TYPED_SNAPPY:
+            return self._inflate(data)
+        if head in (HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY):
+            raise CorruptRecordError("an opaque value where a typed record was expected")
+        raise CorruptRecordError(f"unknown value header {head!r}")
+
+    # --- opaque values
+
+    def encode_opaque(self, value: bytes | bytearray | memoryview) -> bytes:
+        """The value bytes of an opaque value (Snappy-compressed where it pays).
+
+        Raises :class:`RecordError` if the dataset is typed or ``value`` is not
+        bytes-like, :class:`ValueTooLargeError` if it is longer than
+        ``max_value_bytes``.
+        """
+        if self._schemas:
+            raise RecordError("this dataset is typed: use encode(record)")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise RecordError(f"an opaque value must be bytes, got {type(value).__name__}")
+        if isinstance(value, memoryview):
+            value = value.tobytes()
+        n = len(value)
+        if n > self._max_value_bytes:
+            raise ValueTooLargeError(f"value of {n} bytes is larger than {self._max_value_bytes}")
+        if self._compress and n >= COMPRESS_MIN_BYTES:
+            z = _compress_raw(value)
+            if len(z) * 10 <= n * 9:
+                return _H_OPAQUE_SNAPPY + z
+        return _H_OPAQUE + value
+
+    def decode_opaque(self, data: bytes | bytearray | memoryview) -> bytes:
+        """An opaque value's bytes. Raises :class:`CorruptRecordError` for
+        anything that is not a valid opaque value."""
+        if not data:
+            raise CorruptRecordError("empty value")
+        head = data[0]
+        if head == HEADER_OPAQUE:
+            return bytes(data[1:])
+        if head == HEADER_OPAQUE_SNAPPY:
+            return bytes(self._inflate(data))
+        if head in (HEADER_TYPED, HEADER_TYPED_SNAPPY):
+            raise CorruptRecordError("a typed record where an opaque value was expected")
+        raise CorruptRecordError(f"unknown value header {head!r}")
+
+    def _inflate(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decompress the raw Snappy block after the header, bounded by
+        ``max_value_bytes`` before anything is allocated."""
+        claimed = _snappy_length(data)
+        if claimed < 0:
+            raise CorruptRecordError("bad Snappy length prefix")
+        if claimed > self._max_value_bytes:
+            raise CorruptRecordError(
+                f"Snappy block claims {claimed} bytes, more than {self._max_value_bytes}"
+            )
+        try:
+            out = _decompress_raw(data[1:])
+        except _DECODE_ERRORS as exc:
+            raise CorruptRecordError(f"bad Snappy block: {exc}") from exc
+        if len(out) != claimed:
+            raise CorruptRecordError("Snappy block length mismatch")
+        return out
