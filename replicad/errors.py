@@ -177,3 +177,29 @@ class SyncUsageError(ReplicadError):
     """An adapter drove the replica state machine out of turn (for example
     reported an Apply that was never handed out). A bug in the caller, not the
     peer; the machine's state is unchanged."""
+
+
+# --- origin service ----------------------------------------------------------
+
+
+class UnknownDatasetError(ReplicadError):
+    """A request names a dataset that does not exist (HTTP 404)."""
+
+
+class DatasetExistsError(ReplicadError):
+    """A dataset of that name already exists (HTTP 409)."""
+
+
+class BadRequestError(ReplicadError):
+    """A request body or parameter is malformed: not JSON/msgpack, wrong shape,
+    bad dataset name, unsupported content type (HTTP 400/415). Nothing of the
+    request was applied."""
+
+
+class AuthError(ReplicadError):
+    """A request lacks a valid bearer token (HTTP 401) or its token may not do
+    this (HTTP 403); ``status`` says which."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status

@@ -10,7 +10,8 @@ the function call with HTTP and the mirror with LMDB.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 from replicad.errors import ProtocolError
 from replicad.frames import FrameDecoder, encode_frame
@@ -18,7 +19,9 @@ from replicad.memory import MemoryMirror
 from replicad.messages import (
     REQUEST_TYPES,
     Message,
+    Request,
     Response,
+    SnapshotChunk,
     SnapshotRequest,
     from_wire,
     to_wire,
@@ -54,6 +57,41 @@ class Link:
         return out
 
 
+@runtime_checkable
+class SyncServer(Protocol):
+    """Anything that answers sync requests: the origin store, a relay, or a
+    :class:`ViewServer` over an in-memory dataset."""
+
+    def answer(self, request: Request) -> Response:
+        """One answer, read at one version."""
+        ...
+
+    def stream(self, request: SnapshotRequest) -> Iterator[SnapshotChunk]:
+        """Every chunk from ``request.after`` to the end, at one version."""
+        ...
+
+
+class ViewServer:
+    """A :class:`SyncServer` over a dataset view that is always current
+    (such as :class:`~replicad.memory.MemoryDataset`)."""
+
+    def __init__(self, view: DatasetView, config: ResponderConfig | None = None) -> None:
+        self.view = view
+        self.config = config
+
+    def answer(self, request: Request) -> Response:
+        return respond(self.view, request, self.config)
+
+    def stream(self, request: SnapshotRequest) -> Iterator[SnapshotChunk]:
+        after = request.after
+        while True:
+            chunk = snapshot_chunk(self.view, after, request.limit)
+            yield chunk
+            if chunk.next_after is None:
+                return
+            after = chunk.next_after
+
+
 class LoopbackDriver:
     """Drives ``sync`` against ``server`` and ``mirror`` until it waits.
 
@@ -66,7 +104,7 @@ class LoopbackDriver:
         self,
         sync: ReplicaSync,
         mirror: MemoryMirror,
-        server: DatasetView,
+        server: DatasetView | SyncServer,
         *,
         config: ResponderConfig | None = None,
         on_request: Callable[[int], None] | None = None,
@@ -74,8 +112,7 @@ class LoopbackDriver:
     ) -> None:
         self.sync = sync
         self.mirror = mirror
-        self.server = server
-        self.config = config
+        self.server = server if isinstance(server, SyncServer) else ViewServer(server, config)
         self.on_request = on_request
         self.fail_request = fail_request
         self.link = Link()
@@ -112,13 +149,11 @@ class LoopbackDriver:
             return
         if not isinstance(req, REQUEST_TYPES):
             raise ProtocolError(f"{type(req).__name__} is not a request")
-        resp = respond(self.server, req, self.config)
+        resp = self.server.answer(req)
         self.sync.response(self.link.carry_response(resp), now)
 
     def _stream(self, req: SnapshotRequest, now: float) -> None:
-        after = req.after
-        while True:
-            chunk = snapshot_chunk(self.server, after, req.limit)
+        for chunk in self.server.stream(req):
             self.sync.response(self.link.carry_response(chunk), now)
             follow = self.sync.next_action(now)
             if isinstance(follow, Apply):
@@ -126,6 +161,3 @@ class LoopbackDriver:
             elif isinstance(follow, Send):  # the machine abandoned the stream
                 self._perform(follow, now)
                 return
-            if chunk.next_after is None:
-                return
-            after = chunk.next_after

@@ -89,10 +89,11 @@ class MemoryDataset:
     def leaf_entries(self, leaf: int) -> LeafEntries:
         return self._leaves.leaf_entries(leaf)
 
-    def scan(self, after: bytes | None, limit: int) -> list[Record]:
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
+        """Records in key order; a record's position token is its key."""
         start = 0 if after is None else bisect.bisect_right(self._sorted, after)
         keys = self._sorted[start : start + limit]
-        return [(k, self.records[k]) for k in keys]
+        return [(k, (k, self.records[k])) for k in keys]
 
     # --- writes
 

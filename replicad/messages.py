@@ -143,9 +143,9 @@ class CursorUnservable:
 
 @dataclass(frozen=True)
 class SnapshotChunk:
-    """Records with keys greater than the request's ``after``, in key order,
-    read at ``cursor``. ``next_after`` is the key to resume after, or None when
-    this chunk ends the dataset."""
+    """Records after the request's position ``after``, in the server's stable
+    order, read at ``cursor``. ``next_after`` is the opaque position token to
+    resume after, or None when this chunk ends the dataset."""
 
     dataset: str
     cursor: Cursor

@@ -69,8 +69,14 @@ class DatasetView(Protocol):
         """(key, entry hash) pairs of one Merkle leaf, sorted by key."""
         ...
 
-    def scan(self, after: bytes | None, limit: int) -> list[Record]:
-        """Up to ``limit`` records with keys > ``after`` (all when None), in key order."""
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
+        """Up to ``limit`` records after position ``after`` (from the start when
+        None), each with its position token, in the store's order.
+
+        Tokens are opaque to the replica (it only echoes the last one back to
+        resume), so a store may order records however it likes (by key, by
+        Merkle leaf then key, ...) as long as the order is stable.
+        """
         ...
 
 
@@ -160,21 +166,21 @@ def _diff(view: DatasetView, req: DiffRequest, cfg: ResponderConfig) -> Response
 
 
 def snapshot_chunk(view: DatasetView, after: bytes | None, limit: int) -> SnapshotChunk:
-    """One chunk of the snapshot: up to ``limit`` records after ``after``.
+    """One chunk of the snapshot: up to ``limit`` records after position ``after``.
 
-    ``next_after`` is the last key shipped, or None when the chunk reaches the
-    end of the dataset. The first chunk of a load (``after`` None) carries the
-    dataset's metadata.
+    ``next_after`` is the position token of the last record shipped, or None
+    when the chunk reaches the end of the dataset. The first chunk of a load
+    (``after`` None) carries the dataset's metadata.
     """
-    records = view.scan(after, limit + 1)
-    more = len(records) > limit
-    records = records[:limit]
-    next_after = records[-1][0] if more and records else None
+    rows = view.scan(after, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_after = rows[-1][0] if more and rows else None
     return SnapshotChunk(
         view.name,
         view.cursor,
         view.digest,
-        tuple(records),
+        tuple(record for _, record in rows),
         next_after,
         view.meta if after is None else None,
     )

@@ -453,6 +453,15 @@ class VersionQueue:
             f"keys={self._total}, policy={self._policy.name!r})"
         )
 
+    def copy(self) -> VersionQueue:
+        """An independent queue with the same state, in O(entries): entries are
+        immutable, so they are shared. Lets an adapter push onto a copy inside
+        a transaction and switch to it only once the transaction commits."""
+        other = VersionQueue.__new__(VersionQueue)
+        other.__dict__.update(self.__dict__)
+        other._entries = list(self._entries)
+        return other
+
     # --- writes -------------------------------------------------------------
 
     def push(self, version: int, keys: Iterable[bytes]) -> QueueDelta:

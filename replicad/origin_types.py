@@ -1,0 +1,135 @@
+"""Plain data passed between the origin's layers (store, service, HTTP, CLI).
+
+No I/O here; JSON shapes (``to_json``) are the ones the HTTP API returns and
+``docs/api.md`` documents.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicad.errors import BadRequestError
+from replicad.merkle import Digest, Geometry
+from replicad.messages import Cursor
+from replicad.schema import Schema
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_dataset_name(name: object) -> str:
+    """Return ``name`` if it is a valid dataset name (1-64 chars of
+    ``[A-Za-z0-9_.-]``, starting with a letter or digit); else BadRequestError."""
+    if not isinstance(name, str) or not DATASET_NAME.match(name):
+        raise BadRequestError(
+            f"invalid dataset name {name!r}: 1-64 characters of A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What ``create_dataset`` needs. ``schema`` None means opaque values."""
+
+    name: str
+    schema: Schema | None
+    geometry: Geometry = field(default_factory=Geometry)
+    max_entries: int = 1024
+    policy: str = "binary-counter"
+    max_value_bytes: int = 1 << 20
+    compress: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's state at one version, as listed by the API."""
+
+    name: str
+    schema: Schema | None
+    schema_versions: int
+    cursor: Cursor
+    digest: Digest
+    meta_revision: int
+    queue_floor: int
+    queue_entries: int
+    geometry: Geometry
+    policy: str
+    max_entries: int
+    max_value_bytes: int
+
+    @property
+    def kind(self) -> str:
+        return "opaque" if self.schema is None else "typed"
+
+    def to_json(self, *, with_schema: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "epoch": self.cursor.epoch.hex(),
+            "version": self.cursor.version,
+            "records": self.digest.count,
+            "digest": self.digest.to_bytes().hex(),
+            "meta_revision": self.meta_revision,
+            "queue": {
+                "floor": self.queue_floor,
+                "entries": self.queue_entries,
+                "max_entries": self.max_entries,
+                "policy": self.policy,
+            },
+            "merkle": {"fanout": self.geometry.fanout, "depth": self.geometry.depth},
+            "max_value_bytes": self.max_value_bytes,
+        }
+        if with_schema:
+            out["schema"] = None if self.schema is None else self.schema.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class WriteBatch:
+    """One write batch: becomes one version when committed.
+
+    ``upserts`` maps key bytes to a record (a mapping of field values, for a
+    typed dataset) or to value bytes (opaque). With ``replace``, the batch is
+    the whole dataset: keys absent from it are deleted, and only changed and
+    deleted keys are published (``deletes`` must then be empty).
+    """
+
+    dataset: str
+    upserts: Mapping[bytes, Any]
+    deletes: Sequence[bytes] = ()
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    dataset: str
+    cursor: Cursor
+    digest: Digest
+    upserted: int
+    deleted: int
+    unchanged: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "epoch": self.cursor.epoch.hex(),
+            "version": self.cursor.version,
+            "digest": self.digest.to_bytes().hex(),
+            "upserted": self.upserted,
+            "deleted": self.deleted,
+            "unchanged": self.unchanged,
+        }
+
+
+@dataclass(frozen=True)
+class FleetEntry:
+    """One replica as the origin last heard of it (through ``/v1/ack``)."""
+
+    replica: str
+    last_seen: float
+    address: str
+    datasets: Mapping[str, Cursor]
+    info: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,298 @@
+"""The origin service: the store behind a group committer, push hints, the
+fleet view and metrics. Trio; the HTTP layer (:mod:`replicad.http_app`) is a
+thin translation on top of it.
+
+Theory of operation
+-------------------
+* **Group commit.** :meth:`OriginService.write` queues its batch and waits.
+  One committer task takes every batch waiting (up to ``group_commit_max``)
+  and commits them in one LMDB transaction in a worker thread: one fsync for
+  the whole group. Each batch is still its own version, and each caller gets
+  its own result or error. A write returns only after its commit is durable.
+* **Hints.** After each commit the new cursor of every dataset written is
+  published to the subscribers of :meth:`OriginService.subscribe`. A slow
+  subscriber never blocks the committer: per subscriber only the newest hint
+  per dataset is kept (hints are lossy by design; pulls are what make
+  replicas correct).
+* **Reads** (record reads, sync answers) run in worker threads over
+  :meth:`OriginStore.view`, which is consistent at one version. Merkle node
+  answers are computed under the store's state lock (the tree is shared and
+  updated in place by commits).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from replicad.codec import DatasetCodec
+from replicad.errors import ProtocolError, ReplicadError
+from replicad.messages import (
+    Cursor,
+    DiffRequest,
+    Hint,
+    MerkleLeavesRequest,
+    MerkleNodesRequest,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
+from replicad.metrics import Registry
+from replicad.origin_types import DatasetInfo, DatasetSpec, FleetEntry, WriteBatch, WriteResult
+from replicad.responder import ResponderConfig
+from replicad.schema import Schema
+from replicad.store import OriginStore
+
+SyncRequest = DiffRequest | SnapshotRequest | MerkleNodesRequest | MerkleLeavesRequest
+
+
+@dataclass
+class _Pending:
+    batch: WriteBatch
+    done: trio.Event = field(default_factory=trio.Event)
+    result: WriteResult | ReplicadError | None = None
+
+
+class _Subscriber:
+    def __init__(self, names: frozenset[str] | None) -> None:
+        self.names = names
+        self.pending: dict[str, Hint] = {}
+        self.wakeup = trio.Event()
+
+    def offer(self, hint: Hint) -> None:
+        if self.names is None or hint.dataset in self.names:
+            self.pending[hint.dataset] = hint
+            self.wakeup.set()
+
+    async def __aiter__(self) -> AsyncIterator[Hint]:
+        while True:
+            await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            hints, self.pending = self.pending, {}
+            for name in sorted(hints):
+                yield hints[name]
+
+
+class OriginService:
+    """Owns the store while running. Start :meth:`run` in a nursery with
+    ``await nursery.start(service.run)``; call :meth:`close` after it ends."""
+
+    def __init__(
+        self,
+        store: OriginStore,
+        *,
+        group_commit_max: int = 256,
+        responder: ResponderConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        max_pending: int = 4096,
+    ) -> None:
+        self.store = store
+        self.group_commit_max = group_commit_max
+        self.responder = responder or ResponderConfig()
+        self.clock = clock
+        self._send, self._receive = trio.open_memory_channel[_Pending](max_pending)
+        self._subscribers: set[_Subscriber] = set()
+        self._fleet: dict[str, FleetEntry] = {}
+        self.registry = Registry()
+        r = self.registry
+        self._m_batches = r.counter(
+            "replicad_write_batches_total", "Write batches by outcome.", ["outcome"]
+        )
+        self._m_records = r.counter(
+            "replicad_records_written_total", "Records upserted or deleted.", ["op"]
+        )
+        self._m_group = r.histogram(
+            "replicad_commit_group_batches",
+            "Batches per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self._m_commit = r.histogram("replicad_commit_seconds", "Group commit duration.")
+        self._m_sync = r.counter("replicad_sync_requests_total", "Sync requests by kind.", ["kind"])
+        self._m_hints = r.counter("replicad_hints_published_total", "Hints published.")
+        r.gauge("replicad_hint_subscribers", "Open hint streams.", collect=self._count_subscribers)
+        r.gauge("replicad_dataset_version", "Current version.", ["dataset"], collect=self._versions)
+        r.gauge(
+            "replicad_dataset_records", "Records held.", ["dataset"], collect=self._record_counts
+        )
+        r.gauge(
+            "replicad_fleet_replicas", "Replicas seen.", collect=lambda: [((), len(self._fleet))]
+        )
+
+    def _count_subscribers(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((), float(len(self._subscribers)))]
+
+    def _versions(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((i.name,), float(i.cursor.version)) for i in self.store.infos()]
+
+    def _record_counts(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((i.name,), float(i.digest.count)) for i in self.store.infos()]
+
+    # ------------------------------------------------------------ lifetime
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The group committer. Runs until cancelled."""
+        task_status.started()
+        async with self._receive:
+            while True:
+                group = [await self._receive.receive()]
+                while len(group) < self.group_commit_max:
+                    try:
+                        group.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._commit(group)
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        start = time.perf_counter()
+        results = await trio.to_thread.run_sync(self.store.commit, [p.batch for p in group])
+        self._m_commit.observe(time.perf_counter() - start)
+        self._m_group.observe(len(group))
+        written: dict[str, WriteResult] = {}
+        for pending, result in zip(group, results, strict=True):
+            pending.result = result
+            if isinstance(result, WriteResult):
+                written[result.dataset] = result
+                self._m_batches.inc(1, "committed")
+                self._m_records.inc(result.upserted, "upsert")
+                self._m_records.inc(result.deleted, "delete")
+            else:
+                self._m_batches.inc(1, "rejected")
+            pending.done.set()
+        for result in written.values():
+            self._publish(Hint(result.dataset, result.cursor, result.digest))
+
+    def _publish(self, hint: Hint) -> None:
+        self._m_hints.inc()
+        for sub in self._subscribers:
+            sub.offer(hint)
+
+    def close(self) -> None:
+        """Close the store (saving the Merkle trees for a fast restart)."""
+        self.store.close()
+
+    # ------------------------------------------------------------ datasets
+
+    def datasets(self) -> list[DatasetInfo]:
+        return self.store.infos()
+
+    def dataset(self, name: str) -> DatasetInfo:
+        return self.store.info(name)
+
+    def codec(self, name: str) -> DatasetCodec:
+        return self.store.codec(name)
+
+    async def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
+        info = await trio.to_thread.run_sync(self.store.create_dataset, spec)
+        self._publish(Hint(info.name, info.cursor, info.digest))
+        return info
+
+    async def evolve_schema(self, name: str, schema: Schema) -> DatasetInfo:
+        return await trio.to_thread.run_sync(self.store.evolve_schema, name, schema)
+
+    async def reset_history(self, name: str) -> DatasetInfo:
+        info = await trio.to_thread.run_sync(self.store.reset_history, name)
+        self._publish(Hint(info.name, info.cursor, info.digest))
+        return info
+
+    # ------------------------------------------------------------ writes
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        """Commit ``batch`` as one version (group-committed, durable on
+        return). Raises the error that rejected it."""
+        self.store.info(batch.dataset)  # UnknownDatasetError before queueing
+        pending = _Pending(batch)
+        await self._send.send(pending)
+        await pending.done.wait()
+        if isinstance(pending.result, ReplicadError):
+            raise pending.result
+        assert pending.result is not None
+        return pending.result
+
+    # ------------------------------------------------------------ reads
+
+    async def get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]:
+        return await trio.to_thread.run_sync(self.store.get, name, key)
+
+    async def sync(self, request: SyncRequest) -> Response:
+        """Answer one sync request from a consistent view."""
+        self._m_sync.inc(1, type(request).__name__)
+        self.store.info(request.dataset)
+        return await trio.to_thread.run_sync(self.store.answer, request, self.responder)
+
+    async def snapshot_stream(self, request: SnapshotRequest) -> AsyncIterator[SnapshotChunk]:
+        """Every chunk from ``request.after`` to the end, read in one read
+        transaction (one version), one worker-thread hop per chunk."""
+        self._m_sync.inc(1, "SnapshotStream")
+        self.store.info(request.dataset)
+        chunks = self.store.stream(request, self.responder)
+        try:
+            while True:
+                chunk = await trio.to_thread.run_sync(next, chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            chunks.close()
+
+    # ------------------------------------------------------------ hints
+
+    def subscribe(
+        self, datasets: Collection[str] | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Hint]]:
+        """``async with service.subscribe(names) as hints: async for hint in
+        hints`` -- first the current cursor of each dataset, then every new
+        one (coalesced per dataset for a slow reader). UnknownDatasetError for
+        an unknown name."""
+        names = None if datasets is None else frozenset(datasets)
+        for name in names or ():
+            self.store.info(name)
+        return self._subscription(names)
+
+    @asynccontextmanager
+    async def _subscription(
+        self, names: frozenset[str] | None
+    ) -> AsyncIterator[AsyncIterator[Hint]]:
+        sub = _Subscriber(names)
+        for info in self.store.infos():
+            sub.offer(Hint(info.name, info.cursor, info.digest))
+        self._subscribers.add(sub)
+        try:
+            yield sub.__aiter__()
+        finally:
+            self._subscribers.discard(sub)
+
+    # ------------------------------------------------------------ fleet
+
+    def ack(
+        self,
+        replica: str,
+        address: str,
+        datasets: Mapping[str, Cursor],
+        info: Mapping[str, Any],
+    ) -> None:
+        if not replica or len(replica) > 256:
+            raise ProtocolError("replica id must be 1-256 characters")
+        if len(self._fleet) >= 100_000 and replica not in self._fleet:
+            oldest = min(self._fleet.values(), key=lambda e: e.last_seen)
+            del self._fleet[oldest.replica]
+        self._fleet[replica] = FleetEntry(
+            replica, self.clock(), address, dict(datasets), dict(info)
+        )
+
+    def fleet(self) -> list[FleetEntry]:
+        return sorted(self._fleet.values(), key=lambda e: e.replica)
+
+    def lag(self, cursor: Cursor, name: str) -> int | None:
+        """Origin version minus the replica's (None: other epoch or unknown)."""
+        try:
+            current = self.store.info(name).cursor
+        except ReplicadError:
+            return None
+        if current.epoch != cursor.epoch:
+            return None
+        return max(0, current.version - cursor.version)

@@ -1,0 +1,853 @@
+"""The origin's durable store: LMDB under the sans-IO core.
+
+Theory of operation
+-------------------
+One LMDB environment (``DATA/origin.lmdb``) holds every dataset:
+
+==================  =========================================================
+named database      contents
+==================  =========================================================
+``meta``            ``ds/<name>``: the dataset's definition (schemas,
+                    dictionary, Merkle geometry, queue policy and bounds);
+                    ``st/<name>``: its state (epoch, version, queue floor,
+                    digest, meta revision); ``tree/<name>``: the Merkle tree
+                    saved at a clean shutdown, with the version it describes
+``r/<name>``        records: key ``leaf (4 bytes BE) + key`` -> value bytes
+                    (the codec's canonical encoding). Prefixing the Merkle
+                    leaf makes a leaf listing one range scan and a tree
+                    rebuild one pass, with no second index to write.
+``q/<name>``        version queue entries: ``version (8 bytes BE)`` -> entry
+==================  =========================================================
+
+Writes (:meth:`OriginStore.commit`) take a group of batches and run them in
+one write transaction: encode every record first (a batch that fails
+validation is rejected alone, nothing of it written), then for each batch read
+the old values, write the new ones, compute the new digest from entry hashes,
+push the batch onto a *copy* of the version queue and persist the queue delta
+and the dataset state. Only then, under the state lock, the transaction
+commits (fsync when durable) and the in-memory tree and queue are switched to
+the new state. A reader opens its view under the same lock, so the view's
+LMDB snapshot, cursor, digest, queue and tree always describe one version.
+If the transaction fails nothing in memory changed (the dictionary additions
+of the group are rolled back), so the store is as it was.
+
+A full map (``MDB_MAP_FULL``) grows the map (doubling, up to the configured
+maximum) once no read transaction of this process is open, and retries the
+group; at the maximum the group fails with :class:`MapFullError`, nothing
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from replicad.codec import DatasetCodec, Dictionary, check_key
+from replicad.errors import (
+    BadRequestError,
+    CorruptStateError,
+    DatasetExistsError,
+    MapFullError,
+    MerkleError,
+    ReplicadError,
+    StorageError,
+    UnknownDatasetError,
+)
+from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
+from replicad.messages import (
+    Cursor,
+    MerkleNodesRequest,
+    MetaBlob,
+    Record,
+    Request,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
+from replicad.origin_types import (
+    DatasetInfo,
+    DatasetSpec,
+    WriteBatch,
+    WriteResult,
+    check_dataset_name,
+)
+from replicad.responder import ResponderConfig, respond, snapshot_chunk
+from replicad.schema import Schema
+from replicad.version_queue import (
+    VersionQueue,
+    decode_entry,
+    encode_entry,
+    policy_by_name,
+)
+
+MAX_DATASETS = 1000
+_LEAF = struct.Struct(">I")
+_VERSION = struct.Struct(">Q")
+
+
+def _name_key(prefix: str, name: str) -> bytes:
+    return f"{prefix}/{name}".encode()
+
+
+@dataclass
+class _Dataset:
+    """In-memory state of one dataset; replaced or mutated only under the
+    store's state lock (the queue object is replaced, never mutated)."""
+
+    name: str
+    spec: DatasetSpec
+    schemas: list[Schema]
+    codec: DatasetCodec
+    records_db: Any
+    queue_db: Any
+    queue: VersionQueue
+    tree: MerkleTree
+    meta_revision: int
+    meta_blob: MetaBlob
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.queue.epoch, self.queue.version)
+
+    def record_key(self, key: bytes) -> bytes:
+        return _LEAF.pack(self.spec.geometry.leaf_of(key)) + key
+
+
+def _definition(ds_spec: DatasetSpec, schemas: Sequence[Schema], dictionary: Dictionary) -> bytes:
+    doc = {
+        "name": ds_spec.name,
+        "kind": "opaque" if ds_spec.schema is None else "typed",
+        "schemas": [s.to_json() for s in schemas],
+        "dictionary": dictionary.to_json(),
+        "geometry": ds_spec.geometry.to_json(),
+        "policy": ds_spec.policy,
+        "max_entries": ds_spec.max_entries,
+        "max_value_bytes": ds_spec.max_value_bytes,
+        "compress": ds_spec.compress,
+    }
+    out: bytes = msgpack.packb(doc, use_bin_type=True)
+    return out
+
+
+def _meta_blob(definition: bytes, revision: int) -> MetaBlob:
+    """What replicas receive: the definition minus origin-only settings."""
+    doc = msgpack.unpackb(definition, raw=False)
+    for origin_only in ("policy", "max_entries", "compress"):
+        doc.pop(origin_only, None)
+    return MetaBlob(revision, msgpack.packb(doc, use_bin_type=True))
+
+
+class OriginStore:
+    """The origin's datasets in one LMDB environment. Thread-safe: one writer
+    at a time (serialized internally), any number of readers.
+
+    Raises :class:`StorageError` when the environment cannot be opened.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size: int = 1 << 30,
+        max_map_size: int = 64 << 30,
+        durable: bool = True,
+        max_readers: int = 256,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.path = Path(path)
+        self.max_map_size = max(max_map_size, map_size)
+        self._random_bytes = random_bytes
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._readers = 0
+        self._readers_idle = threading.Condition(self._state_lock)
+        self._datasets: dict[str, _Dataset] = {}
+        self._closed = False
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path / "origin.lmdb"),
+                map_size=map_size,
+                max_dbs=2 * MAX_DATASETS + 1,
+                sync=durable,
+                metasync=durable,
+                max_readers=max_readers,
+                readahead=False,
+            )
+            self._env.reader_check()
+            self._meta_db = self._env.open_db(b"meta")
+            self._load()
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the store at {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ start-up
+
+    def _load(self) -> None:
+        with self._env.begin() as txn:
+            cur = txn.cursor(db=self._meta_db)
+            definitions = {
+                bytes(k)[3:].decode(): bytes(v) for k, v in cur if bytes(k).startswith(b"ds/")
+            }
+            states = {
+                name: txn.get(_name_key("st", name), db=self._meta_db) for name in definitions
+            }
+            trees = {
+                name: txn.get(_name_key("tree", name), db=self._meta_db) for name in definitions
+            }
+        for name, definition in definitions.items():
+            state = states[name]
+            if state is None:
+                raise CorruptStateError(f"dataset {name!r} has no state record")
+            self._datasets[name] = self._open_dataset(name, definition, bytes(state), trees[name])
+
+    def _open_dataset(
+        self, name: str, definition: bytes, state_raw: bytes, saved_tree: bytes | None
+    ) -> _Dataset:
+        try:
+            doc = msgpack.unpackb(definition, raw=False)
+            state = msgpack.unpackb(state_raw, raw=False)
+            schemas = [Schema.from_json(s) for s in doc["schemas"]]
+            geometry = Geometry.from_json(doc["geometry"])
+            spec = DatasetSpec(
+                name=name,
+                schema=schemas[-1] if schemas else None,
+                geometry=geometry,
+                max_entries=int(doc["max_entries"]),
+                policy=str(doc["policy"]),
+                max_value_bytes=int(doc["max_value_bytes"]),
+                compress=bool(doc["compress"]),
+            )
+            dictionary = Dictionary.from_json(doc["dictionary"])
+            epoch, version, floor = (
+                bytes(state["epoch"]),
+                int(state["version"]),
+                int(state["floor"]),
+            )
+            digest = Digest.from_bytes(state["digest"])
+            meta_revision = int(state["meta_revision"])
+        except (KeyError, TypeError, ValueError, ReplicadError) as exc:
+            raise CorruptStateError(f"dataset {name!r}: unreadable definition: {exc}") from exc
+        codec = DatasetCodec(
+            schemas or None,
+            dictionary=dictionary,
+            max_value_bytes=spec.max_value_bytes,
+            compress=spec.compress,
+        )
+        records_db = self._env.open_db(_name_key("r", name))
+        queue_db = self._env.open_db(_name_key("q", name))
+        policy = policy_by_name(spec.policy)
+        try:
+            with self._env.begin() as txn:
+                entries = [decode_entry(bytes(v)) for _, v in txn.cursor(db=queue_db)]
+            queue = VersionQueue.from_entries(
+                epoch, floor, version, entries, max_entries=spec.max_entries, policy=policy
+            )
+        except ReplicadError:
+            # the history is unusable: keep the data, start a new epoch
+            queue = VersionQueue(
+                self._random_bytes(16), floor=version, max_entries=spec.max_entries, policy=policy
+            )
+        tree = self._load_tree(saved_tree, records_db, geometry, version, epoch)
+        if tree.digest != digest:
+            raise CorruptStateError(
+                f"dataset {name!r}: records digest {tree.digest.hex()} != recorded {digest.hex()}"
+            )
+        ds = _Dataset(
+            name,
+            spec,
+            schemas,
+            codec,
+            records_db,
+            queue_db,
+            queue,
+            tree,
+            meta_revision,
+            _meta_blob(definition, meta_revision),
+        )
+        if queue.epoch != epoch:
+            self._write_state(ds)
+        return ds
+
+    def _load_tree(
+        self, saved: bytes | None, records_db: Any, geometry: Geometry, version: int, epoch: bytes
+    ) -> MerkleTree:
+        if saved is not None:
+            try:
+                doc = msgpack.unpackb(saved, raw=False)
+                if doc["version"] == version and doc["epoch"] == epoch:
+                    tree = MerkleTree.from_bytes(doc["tree"])
+                    if tree.geometry == geometry:
+                        return tree
+            except (KeyError, TypeError, ValueError, MerkleError):
+                pass  # rebuild below
+        tree = MerkleTree(geometry)
+        with self._env.begin(buffers=True) as txn:
+            for k, v in txn.cursor(db=records_db):
+                key = bytes(k[4:])
+                tree.update_hashes(key, None, entry_hash(key, bytes(v)))
+        return tree
+
+    def _write_state(self, ds: _Dataset) -> None:
+        with self._write_lock, self._env.begin(write=True) as txn:
+            txn.put(
+                _name_key("st", ds.name),
+                self._state_doc(ds, ds.queue, ds.tree.digest),
+                db=self._meta_db,
+            )
+            self._drop_queue_entries(txn, ds)
+
+    @staticmethod
+    def _state_doc(
+        ds: _Dataset, queue: VersionQueue, digest: Digest, revision: int | None = None
+    ) -> bytes:
+        out: bytes = msgpack.packb(
+            {
+                "epoch": queue.epoch,
+                "version": queue.version,
+                "floor": queue.floor,
+                "digest": digest.to_bytes(),
+                "meta_revision": ds.meta_revision if revision is None else revision,
+            },
+            use_bin_type=True,
+        )
+        return out
+
+    @staticmethod
+    def _drop_queue_entries(txn: Any, ds: _Dataset) -> None:
+        txn.drop(ds.queue_db, delete=False)
+        for entry in ds.queue.entries:
+            txn.put(_VERSION.pack(entry.version), encode_entry(entry), db=ds.queue_db)
+
+    # ------------------------------------------------------------ admin
+
+    def close(self) -> None:
+        """Save each Merkle tree (so the next start-up skips the rebuild) and
+        close the environment. Idempotent."""
+        if self._closed:
+            return
+        with self._write_lock:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for ds in self._datasets.values():
+                        doc = {
+                            "version": ds.queue.version,
+                            "epoch": ds.queue.epoch,
+                            "tree": ds.tree.to_bytes(),
+                        }
+                        txn.put(
+                            _name_key("tree", ds.name),
+                            msgpack.packb(doc, use_bin_type=True),
+                            db=self._meta_db,
+                        )
+            except lmdb.Error:
+                pass  # a missing saved tree only costs a rebuild
+            self._env.close()
+            self._closed = True
+
+    def names(self) -> list[str]:
+        return sorted(self._datasets)
+
+    def _dataset(self, name: str) -> _Dataset:
+        ds = self._datasets.get(name)
+        if ds is None:
+            raise UnknownDatasetError(f"no dataset named {name!r}")
+        return ds
+
+    def info(self, name: str) -> DatasetInfo:
+        with self._state_lock:
+            ds = self._dataset(name)
+            return self._info(ds)
+
+    def infos(self) -> list[DatasetInfo]:
+        with self._state_lock:
+            return [self._info(self._datasets[n]) for n in sorted(self._datasets)]
+
+    @staticmethod
+    def _info(ds: _Dataset) -> DatasetInfo:
+        return DatasetInfo(
+            name=ds.name,
+            schema=ds.schemas[-1] if ds.schemas else None,
+            schema_versions=len(ds.schemas),
+            cursor=ds.cursor,
+            digest=ds.tree.digest,
+            meta_revision=ds.meta_revision,
+            queue_floor=ds.queue.floor,
+            queue_entries=len(ds.queue.entries),
+            geometry=ds.spec.geometry,
+            policy=ds.spec.policy,
+            max_entries=ds.spec.max_entries,
+            max_value_bytes=ds.spec.max_value_bytes,
+        )
+
+    def codec(self, name: str) -> DatasetCodec:
+        return self._dataset(name).codec
+
+    def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
+        """Create an empty dataset at version 0 of a new epoch.
+
+        Raises DatasetExistsError, BadRequestError (name), ConfigError (policy
+        or bounds)."""
+        check_dataset_name(spec.name)
+        policy = policy_by_name(spec.policy)
+        schemas = [] if spec.schema is None else [spec.schema]
+        codec = DatasetCodec(
+            schemas or None, max_value_bytes=spec.max_value_bytes, compress=spec.compress
+        )
+        queue = VersionQueue(self._random_bytes(16), max_entries=spec.max_entries, policy=policy)
+        with self._write_lock:
+            if spec.name in self._datasets:
+                raise DatasetExistsError(f"dataset {spec.name!r} already exists")
+            if len(self._datasets) >= MAX_DATASETS:
+                raise BadRequestError(f"at most {MAX_DATASETS} datasets")
+            definition = _definition(spec, schemas, codec.dictionary)
+            tree = MerkleTree(spec.geometry)
+
+            def run() -> _Dataset:
+                records_db = self._env.open_db(_name_key("r", spec.name))
+                queue_db = self._env.open_db(_name_key("q", spec.name))
+                ds = _Dataset(
+                    spec.name,
+                    spec,
+                    schemas,
+                    codec,
+                    records_db,
+                    queue_db,
+                    queue,
+                    tree,
+                    1,
+                    _meta_blob(definition, 1),
+                )
+                with self._env.begin(write=True) as txn:
+                    txn.put(_name_key("ds", spec.name), definition, db=self._meta_db)
+                    txn.put(
+                        _name_key("st", spec.name),
+                        self._state_doc(ds, queue, tree.digest),
+                        db=self._meta_db,
+                    )
+                return ds
+
+            ds = self._with_growth(run)
+            with self._state_lock:
+                self._datasets[spec.name] = ds
+                return self._info(ds)
+
+    def evolve_schema(self, name: str, schema: Schema) -> DatasetInfo:
+        """Append a schema version (append-only evolution). Raises
+        SchemaError for anything else, BadRequestError for opaque datasets."""
+        with self._write_lock:
+            ds = self._dataset(name)
+            if not ds.schemas:
+                raise BadRequestError(f"dataset {name!r} is opaque: it has no schema")
+            current = ds.schemas[-1]
+            if schema.version != current.version + 1:
+                schema = Schema(current.version + 1, schema.fields)
+            Schema.check_evolution(current, schema)
+            schemas = [*ds.schemas, schema]
+            codec = ds.codec.with_schema(schema)
+            spec = replace(ds.spec, schema=schema)
+            definition = _definition(spec, schemas, codec.dictionary)
+            revision = ds.meta_revision + 1
+
+            def run() -> None:
+                with self._env.begin(write=True) as txn:
+                    txn.put(_name_key("ds", name), definition, db=self._meta_db)
+                    txn.put(
+                        _name_key("st", name),
+                        self._state_doc(ds, ds.queue, ds.tree.digest, revision),
+                        db=self._meta_db,
+                    )
+
+            with self._state_lock:
+                self._with_growth(run)
+                ds.schemas, ds.codec, ds.spec = schemas, codec, spec
+                ds.meta_revision = revision
+                ds.meta_blob = _meta_blob(definition, revision)
+                return self._info(ds)
+
+    def reset_history(self, name: str) -> DatasetInfo:
+        """Forget the version queue: a new epoch whose history starts at the
+        current version. Replicas of the old epoch repair with Merkle."""
+        with self._write_lock:
+            ds = self._dataset(name)
+            queue = VersionQueue(
+                self._random_bytes(16),
+                floor=ds.queue.version,
+                max_entries=ds.spec.max_entries,
+                policy=ds.queue.policy,
+            )
+
+            def run() -> None:
+                with self._env.begin(write=True) as txn:
+                    txn.drop(ds.queue_db, delete=False)
+                    txn.put(
+                        _name_key("st", name),
+                        self._state_doc(ds, queue, ds.tree.digest),
+                        db=self._meta_db,
+                    )
+
+            with self._state_lock:
+                self._with_growth(run)
+                ds.queue = queue
+                return self._info(ds)
+
+    # ------------------------------------------------------------ writes
+
+    def commit(self, batches: Sequence[WriteBatch]) -> list[WriteResult | ReplicadError]:
+        """Commit ``batches`` in order, in one transaction; one version each.
+
+        Returns, per batch, its result or the error that rejected it (a batch
+        rejected for its content writes nothing and does not stop the others).
+        A storage failure (full map at the maximum size, I/O error) fails
+        every batch of the group with MapFullError / StorageError and writes
+        nothing.
+        """
+        with self._write_lock:
+            prepared: list[_Prepared | ReplicadError] = []
+            marks: dict[str, int] = {}
+            for batch in batches:
+                try:
+                    ds = self._dataset(batch.dataset)
+                    marks.setdefault(ds.name, ds.codec.dictionary.size)
+                    prepared.append(self._prepare(ds, batch))
+                except ReplicadError as exc:
+                    prepared.append(exc)
+            try:
+                outcome: list[WriteResult | ReplicadError] = self._with_growth(
+                    lambda: self._write_group(prepared, marks)
+                )
+            except ReplicadError as exc:
+                for name, mark in marks.items():
+                    self._datasets[name].codec.dictionary.truncate(mark)
+                return [exc for _ in batches]
+            return outcome
+
+    def _prepare(self, ds: _Dataset, batch: WriteBatch) -> _Prepared:
+        deletes = [check_key(k) for k in batch.deletes]
+        if batch.replace and deletes:
+            raise BadRequestError("a replace batch lists the whole dataset; it has no deletes")
+        encoded: dict[bytes, bytes] = {}
+        mark = ds.codec.dictionary.size
+        try:
+            for key, record in batch.upserts.items():
+                check_key(key)
+                if ds.schemas:
+                    encoded[key] = ds.codec.encode(record)
+                else:
+                    if not isinstance(record, bytes | bytearray | memoryview):
+                        raise BadRequestError(f"opaque dataset {ds.name!r}: values must be bytes")
+                    encoded[key] = ds.codec.encode_opaque(bytes(record))
+        except ReplicadError:
+            ds.codec.dictionary.truncate(mark)
+            raise
+        both = set(deletes).intersection(encoded)
+        if both:
+            ds.codec.dictionary.truncate(mark)
+            raise BadRequestError(f"key {min(both)!r} is both upserted and deleted")
+        return _Prepared(ds, batch, encoded, deletes, mark)
+
+    def _write_group(
+        self, prepared: Sequence[_Prepared | ReplicadError], marks: Mapping[str, int]
+    ) -> list[WriteResult | ReplicadError]:
+        results: list[WriteResult | ReplicadError] = []
+        # per dataset: the queue copy, digest and changes accumulated so far
+        pending: dict[str, _Pending] = {}
+        txn = self._env.begin(write=True)
+        try:
+            for item in prepared:
+                if isinstance(item, ReplicadError):
+                    results.append(item)
+                    continue
+                ds = item.ds
+                p = pending.get(ds.name)
+                if p is None:
+                    p = pending[ds.name] = _Pending(
+                        ds.queue, ds.tree.digest, [], ds.meta_revision, marks[ds.name]
+                    )
+                results.append(self._write_batch(txn, item, p))
+            for name, p in pending.items():
+                ds = self._datasets[name]
+                definition = None
+                if ds.codec.dictionary.size > p.dictionary_mark:
+                    p.revision += 1
+                    definition = _definition(ds.spec, ds.schemas, ds.codec.dictionary)
+                    txn.put(_name_key("ds", name), definition, db=self._meta_db)
+                    p.definition = definition
+                txn.put(
+                    _name_key("st", name),
+                    self._state_doc(ds, p.queue, p.digest, p.revision),
+                    db=self._meta_db,
+                )
+            with self._state_lock:
+                txn.commit()
+                for name, p in pending.items():
+                    ds = self._datasets[name]
+                    ds.queue = p.queue
+                    for key, old, new in p.changes:
+                        ds.tree.update_hashes(key, old, new)
+                    if p.definition is not None:
+                        ds.meta_revision = p.revision
+                        ds.meta_blob = _meta_blob(p.definition, p.revision)
+        except BaseException:
+            txn.abort()
+            raise
+        return results
+
+    def _write_batch(self, txn: Any, item: _Prepared, p: _Pending) -> WriteResult:
+        ds = item.ds
+        db = ds.records_db
+        xor = 0
+        count = 0
+        touched: list[bytes] = []
+        unchanged = 0
+        upserted = deleted = 0
+        changes = p.changes
+        for key, value in item.encoded.items():
+            rkey = ds.record_key(key)
+            old = txn.replace(rkey, value, db=db)
+            if old == value:
+                unchanged += 1
+                continue
+            new_h = entry_hash(key, value)
+            old_h = None
+            if old is None:
+                count += 1
+            else:
+                old_h = entry_hash(key, old)
+                xor ^= old_h
+            xor ^= new_h
+            changes.append((key, old_h, new_h))
+            touched.append(key)
+            upserted += 1
+        deletes: Collection[bytes] = item.deletes
+        if item.batch.replace:
+            deletes = [
+                bytes(k[4:])
+                for k in txn.cursor(db=db).iternext(values=False)
+                if bytes(k[4:]) not in item.encoded
+            ]
+        for key in deletes:
+            old = txn.pop(ds.record_key(key), db=db)
+            if old is None:
+                if not item.batch.replace:
+                    touched.append(key)  # a tombstone for a key we never had is harmless
+                continue
+            old_h = entry_hash(key, old)
+            xor ^= old_h
+            count -= 1
+            changes.append((key, old_h, None))
+            touched.append(key)
+            deleted += 1
+        queue = p.queue.copy() if p.queue is ds.queue else p.queue
+        delta = queue.push(queue.version + 1, touched)
+        for version in delta.removed:
+            txn.delete(_VERSION.pack(version), db=ds.queue_db)
+        for entry in delta.added:
+            txn.put(_VERSION.pack(entry.version), encode_entry(entry), db=ds.queue_db)
+        p.queue = queue
+        p.digest = Digest(p.digest.count + count, p.digest.xor ^ xor)
+        return WriteResult(
+            ds.name, Cursor(queue.epoch, queue.version), p.digest, upserted, deleted, unchanged
+        )
+
+    def _with_growth(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (a whole write transaction); on MDB_MAP_FULL grow the
+        map and run it again, up to the maximum size."""
+        while True:
+            try:
+                return fn()
+            except lmdb.MapFullError as exc:
+                size = self._env.info()["map_size"]
+                if size >= self.max_map_size:
+                    raise MapFullError(
+                        f"the store is full at its maximum map size ({size >> 20} MiB); "
+                        "nothing was written"
+                    ) from exc
+                self._grow(min(size * 2, self.max_map_size))
+            except lmdb.Error as exc:
+                raise StorageError(f"store write failed: {exc}") from exc
+
+    def _grow(self, size: int) -> None:
+        with self._state_lock:
+            while self._readers:
+                self._readers_idle.wait()
+            self._env.set_mapsize(size)
+
+    # ------------------------------------------------------------ reads
+
+    @contextmanager
+    def view(self, name: str) -> Iterator[LmdbView]:
+        """A consistent read-only view of one dataset at its current version
+        (a :class:`~replicad.responder.DatasetView`). Keep it short: LMDB
+        cannot reuse pages a live reader still sees."""
+        with self._state_lock:
+            ds = self._dataset(name)
+            txn = self._env.begin(buffers=False)
+            view = LmdbView(
+                self,
+                ds,
+                txn,
+                cursor=ds.cursor,
+                digest=ds.tree.digest,
+                meta=ds.meta_blob,
+                queue=ds.queue,
+            )
+            self._readers += 1
+        try:
+            yield view
+        finally:
+            txn.abort()
+            with self._state_lock:
+                self._readers -= 1
+                if not self._readers:
+                    self._readers_idle.notify_all()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state lock: no commit changes the in-memory trees while
+        held. Merkle node answers are computed under it."""
+        with self._state_lock:
+            yield
+
+    def get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]:
+        with self.view(name) as view:
+            return view.get(key), view.cursor
+
+    def answer(self, request: Request, config: ResponderConfig | None = None) -> Response:
+        """Answer one sync request from a consistent view (Merkle node
+        answers under the state lock: the tree is shared)."""
+        with self.view(request.dataset) as view:
+            if isinstance(request, MerkleNodesRequest):
+                with self._state_lock:
+                    return respond(view, request, config)
+            return respond(view, request, config)
+
+    def stream(
+        self, request: SnapshotRequest, config: ResponderConfig | None = None
+    ) -> Generator[SnapshotChunk, None, None]:
+        """Every snapshot chunk from ``request.after`` on, in one read
+        transaction. Close the iterator (or exhaust it) promptly."""
+        limit = min(request.limit, (config or ResponderConfig()).max_snapshot_chunk)
+        with self.view(request.dataset) as view:
+            after = request.after
+            while True:
+                chunk = snapshot_chunk(view, after, limit)
+                yield chunk
+                if chunk.next_after is None:
+                    return
+                after = chunk.next_after
+
+
+@dataclass
+class _Prepared:
+    ds: _Dataset
+    batch: WriteBatch
+    encoded: dict[bytes, bytes]
+    deletes: list[bytes]
+    mark: int
+
+
+@dataclass
+class _Pending:
+    """A dataset's state as the group's transaction builds it."""
+
+    queue: VersionQueue
+    digest: Digest
+    changes: list[tuple[bytes, int | None, int | None]]
+    revision: int
+    dictionary_mark: int
+    definition: bytes | None = None
+
+
+class LmdbView:
+    """One dataset at one version, over one LMDB read transaction."""
+
+    def __init__(
+        self,
+        store: OriginStore,
+        ds: _Dataset,
+        txn: Any,
+        *,
+        cursor: Cursor,
+        digest: Digest,
+        meta: MetaBlob,
+        queue: VersionQueue,
+    ) -> None:
+        self._store = store
+        self._ds = ds
+        self._txn = txn
+        self._cursor = cursor
+        self._digest = digest
+        self._meta = meta
+        self._queue = queue
+
+    @property
+    def name(self) -> str:
+        return self._ds.name
+
+    @property
+    def cursor(self) -> Cursor:
+        return self._cursor
+
+    @property
+    def digest(self) -> Digest:
+        return self._digest
+
+    @property
+    def meta(self) -> MetaBlob:
+        return self._meta
+
+    @property
+    def tree(self) -> MerkleTree:
+        """The live tree: read it only under :meth:`OriginStore.locked`."""
+        return self._ds.tree
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._txn.get(self._ds.record_key(key), db=self._ds.records_db)
+        return None if value is None else bytes(value)
+
+    def keys_since(self, since: Cursor) -> Collection[bytes]:
+        return self._queue.keys_since(since.epoch, since.version)
+
+    def leaf_entries(self, leaf: int) -> LeafEntries:
+        if not 0 <= leaf < self._ds.spec.geometry.leaves:
+            raise MerkleError(f"leaf {leaf} outside the tree")
+        prefix = _LEAF.pack(leaf)
+        cur = self._txn.cursor(db=self._ds.records_db)
+        out: LeafEntries = []
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:4] != prefix:
+                    break
+                key = bytes(k[4:])
+                out.append((key, entry_hash(key, bytes(v))))
+        return out
+
+    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
+        cur = self._txn.cursor(db=self._ds.records_db)
+        out: list[tuple[bytes, Record]] = []
+        if after is None:
+            found = cur.first()
+        else:
+            found = cur.set_range(after)
+            if found and cur.key() == after:
+                found = cur.next()
+        while found and len(out) < limit:
+            k = bytes(cur.key())
+            out.append((k, (k[4:], bytes(cur.value()))))
+            found = cur.next()
+        return out
+
+
+def decode_definition(blob: MetaBlob) -> Mapping[str, Any]:
+    """The dataset definition replicas receive in a MetaBlob (see FORMAT)."""
+    doc: Mapping[str, Any] = msgpack.unpackb(blob.body, raw=False)
+    return doc
