@@ -89,11 +89,12 @@ class MemoryDataset:
     def leaf_entries(self, leaf: int) -> LeafEntries:
         return self._leaves.leaf_entries(leaf)
 
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
+    def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
         """Records in key order; a record's position token is its key."""
         start = 0 if after is None else bisect.bisect_right(self._sorted, after)
         keys = self._sorted[start : start + limit]
-        return [(k, (k, self.records[k])) for k in keys]
+        more = start + limit < len(self._sorted)
+        return [(k, self.records[k]) for k in keys], (keys[-1] if more and keys else None)
 
     # --- writes
 

@@ -399,7 +399,22 @@ class MerkleTree:
             dc += 1
         elif old_hash is None:
             return
-        leaf = xxh3_64_intdigest(key) >> self._shift
+        self._apply(xxh3_64_intdigest(key) >> self._shift, delta, dc)
+
+    def update_leaf(self, leaf: int, old_hash: int | None, new_hash: int | None) -> None:
+        """:meth:`update_hashes` for a caller that already knows the key's
+        leaf (``geometry.leaf_of(key)``): saves hashing the key again. The
+        hashes are trusted (no range check); the leaf is checked."""
+        if not 0 <= leaf < len(self._counts):
+            raise MerkleError(f"no leaf {leaf!r}")
+        delta = 0 if old_hash is None else old_hash
+        dc = 0 if old_hash is None else -1
+        if new_hash is not None:
+            delta ^= new_hash
+            dc += 1
+        self._apply(leaf, delta, dc)
+
+    def _apply(self, leaf: int, delta: int, dc: int) -> None:
         if dc:
             c = self._counts[leaf] + dc
             if c < 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeAlias, TypeVar
 
 from replicad.errors import MerkleError, ProtocolError
@@ -230,11 +231,7 @@ def _meta(m: MetaBlob | None) -> list[Any] | None:
 
 
 def _records(rs: tuple[Record, ...]) -> list[Any]:
-    flat: list[bytes] = []
-    for k, v in rs:
-        flat.append(k)
-        flat.append(v)
-    return flat
+    return list(chain.from_iterable(rs))
 
 
 def to_wire(msg: Message) -> tuple[int, list[Any]]:

@@ -69,9 +69,10 @@ class DatasetView(Protocol):
         """(key, entry hash) pairs of one Merkle leaf, sorted by key."""
         ...
 
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
-        """Up to ``limit`` records after position ``after`` (from the start when
-        None), each with its position token, in the store's order.
+    def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
+        """Up to ``limit`` records after position ``after`` (from the start
+        when None), in the store's stable order, and the position token to
+        resume after them -- None when the scan reached the end.
 
         Tokens are opaque to the replica (it only echoes the last one back to
         resume), so a store may order records however it likes (by key, by
@@ -172,15 +173,12 @@ def snapshot_chunk(view: DatasetView, after: bytes | None, limit: int) -> Snapsh
     when the chunk reaches the end of the dataset. The first chunk of a load
     (``after`` None) carries the dataset's metadata.
     """
-    rows = view.scan(after, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_after = rows[-1][0] if more and rows else None
+    records, next_after = view.scan(after, limit)
     return SnapshotChunk(
         view.name,
         view.cursor,
         view.digest,
-        tuple(record for _, record in rows),
+        tuple(records),
         next_after,
         view.meta if after is None else None,
     )

@@ -45,11 +45,13 @@ import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import lmdb
 import msgpack
+from xxhash import xxh3_64_intdigest
 
 from replicad.codec import DatasetCodec, Dictionary, check_key
 from replicad.errors import (
@@ -117,6 +119,11 @@ class _Dataset:
     @property
     def cursor(self) -> Cursor:
         return Cursor(self.queue.epoch, self.queue.version)
+
+    @property
+    def leaf_shift(self) -> int:
+        """``leaf_of(key) == xxh3_64(key) >> leaf_shift``."""
+        return 64 - (self.spec.geometry.leaves.bit_length() - 1)
 
     def record_key(self, key: bytes) -> bytes:
         return _LEAF.pack(self.spec.geometry.leaf_of(key)) + key
@@ -591,8 +598,9 @@ class OriginStore:
                 for name, p in pending.items():
                     ds = self._datasets[name]
                     ds.queue = p.queue
-                    for key, old, new in p.changes:
-                        ds.tree.update_hashes(key, old, new)
+                    update_leaf = ds.tree.update_leaf
+                    for leaf, old, new in p.changes:
+                        update_leaf(leaf, old, new)
                     if p.definition is not None:
                         ds.meta_revision = p.revision
                         ds.meta_blob = _meta_blob(p.definition, p.revision)
@@ -610,9 +618,13 @@ class OriginStore:
         unchanged = 0
         upserted = deleted = 0
         changes = p.changes
+        shift = ds.leaf_shift
+        pack = _LEAF.pack
+        replace_ = txn.replace
+        append = changes.append
         for key, value in item.encoded.items():
-            rkey = ds.record_key(key)
-            old = txn.replace(rkey, value, db=db)
+            leaf = xxh3_64_intdigest(key) >> shift
+            old = replace_(pack(leaf) + key, value, db=db)
             if old == value:
                 unchanged += 1
                 continue
@@ -624,7 +636,7 @@ class OriginStore:
                 old_h = entry_hash(key, old)
                 xor ^= old_h
             xor ^= new_h
-            changes.append((key, old_h, new_h))
+            append((leaf, old_h, new_h))
             touched.append(key)
             upserted += 1
         deletes: Collection[bytes] = item.deletes
@@ -635,7 +647,8 @@ class OriginStore:
                 if bytes(k[4:]) not in item.encoded
             ]
         for key in deletes:
-            old = txn.pop(ds.record_key(key), db=db)
+            leaf = xxh3_64_intdigest(key) >> shift
+            old = txn.pop(pack(leaf) + key, db=db)
             if old is None:
                 if not item.batch.replace:
                     touched.append(key)  # a tombstone for a key we never had is harmless
@@ -643,7 +656,7 @@ class OriginStore:
             old_h = entry_hash(key, old)
             xor ^= old_h
             count -= 1
-            changes.append((key, old_h, None))
+            append((leaf, old_h, None))
             touched.append(key)
             deleted += 1
         queue = p.queue.copy() if p.queue is ds.queue else p.queue
@@ -761,7 +774,8 @@ class _Pending:
 
     queue: VersionQueue
     digest: Digest
-    changes: list[tuple[bytes, int | None, int | None]]
+    changes: list[tuple[int, int | None, int | None]]
+    """(leaf, old entry hash, new entry hash) per change, in order."""
     revision: int
     dictionary_mark: int
     definition: bytes | None = None
@@ -831,20 +845,22 @@ class LmdbView:
                 out.append((key, entry_hash(key, bytes(v))))
         return out
 
-    def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, Record]]:
+    def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
+        """Records in (leaf, key) order; the position token is the LMDB key
+        (leaf prefix + key)."""
         cur = self._txn.cursor(db=self._ds.records_db)
-        out: list[tuple[bytes, Record]] = []
         if after is None:
             found = cur.first()
         else:
             found = cur.set_range(after)
             if found and cur.key() == after:
                 found = cur.next()
-        while found and len(out) < limit:
-            k = bytes(cur.key())
-            out.append((k, (k[4:], bytes(cur.value()))))
-            found = cur.next()
-        return out
+        if not found:
+            return [], None
+        rows = list(islice(cur.iternext(keys=True, values=True), limit))
+        more = cur.next() if len(rows) == limit else False
+        records = [(k[4:], v) for k, v in rows]
+        return records, (rows[-1][0] if more else None)
 
 
 def decode_definition(blob: MetaBlob) -> Mapping[str, Any]:

@@ -61,7 +61,7 @@ def ok(result: WriteResult | Exception) -> WriteResult:
 
 def records_of(store: OriginStore, name: str) -> dict[bytes, bytes]:
     with store.view(name) as view:
-        return {k: v for _, (k, v) in view.scan(None, 10**9)}
+        return dict(view.scan(None, 10**9)[0])
 
 
 def test_create_write_read_and_versions(store: OriginStore) -> None:
@@ -220,7 +220,7 @@ def test_views_are_consistent_while_commits_run(store: OriginStore) -> None:
         while not stop.is_set():
             with store.view("up") as view:
                 tree = MerkleTree(Geometry())
-                for _, (k, v) in view.scan(None, 10**9):
+                for k, v in view.scan(None, 10**9)[0]:
                     tree.update(k, None, v)
                 if tree.digest != view.digest:
                     errors.append(f"view at {view.cursor} has another digest")
