@@ -3,7 +3,8 @@
 :class:`LoopbackDriver` is the smallest honest adapter of the sync core: every
 message travels through the real wire encoding (message -> frame bytes ->
 frame -> message), the server side is the real :func:`~replicad.responder.respond`,
-and :class:`~replicad.memory.MemoryMirror` honours the Apply contract. The
+and :class:`~replicad.memory.MemoryMirror` (or the sidecar's LMDB mirror) honours the
+Apply contract. The
 tests of the core and ``replicad demo`` use it; the networked adapters replace
 the function call with HTTP and the mirror with LMDB.
 """
@@ -15,7 +16,6 @@ from typing import Protocol, runtime_checkable
 
 from replicad.errors import ProtocolError
 from replicad.frames import FrameDecoder, encode_frame
-from replicad.memory import MemoryMirror
 from replicad.messages import (
     REQUEST_TYPES,
     Message,
@@ -55,6 +55,15 @@ class Link:
         if type(out) is not type(msg):
             raise ProtocolError("loopback link changed the message type")
         return out
+
+
+class BatchTarget(Protocol):
+    """Where Apply batches go: :class:`~replicad.memory.MemoryMirror`, or a
+    dataset of the sidecar's LMDB mirror."""
+
+    def apply(self, batch: Apply) -> bool:
+        """Apply all or nothing; False when the digest check failed."""
+        ...
 
 
 @runtime_checkable
@@ -103,7 +112,7 @@ class LoopbackDriver:
     def __init__(
         self,
         sync: ReplicaSync,
-        mirror: MemoryMirror,
+        mirror: BatchTarget,
         server: DatasetView | SyncServer,
         *,
         config: ResponderConfig | None = None,

@@ -1,6 +1,11 @@
 """The sidecar agent: an LMDB mirror of origin datasets, kept current by push
-hints and idempotent pull diffs, with zero-copy and unix-socket reads.
+hints and idempotent pull diffs.
 
-Not built yet: the sync decisions it will run live in
-:mod:`replicad.replica` (the sans-IO core); see the project's issues.
+Built so far: :class:`Mirror`, the LMDB mirror that executes the replica
+state machine's Apply batches (:mod:`replicad.replica`). The sync loop,
+health, relay and local reads follow.
 """
+
+from sidecar.mirror import DatasetHandle, Mirror
+
+__all__ = ["DatasetHandle", "Mirror"]

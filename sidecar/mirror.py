@@ -1,0 +1,473 @@
+"""The sidecar's mirror: origin datasets in one LMDB environment, written only
+by the sync loop, read by anyone on the host.
+
+Theory of operation
+-------------------
+Layout (``docs/FORMAT.md`` is the reference for readers in other languages):
+
+=========================  ====================================================
+named database             contents
+=========================  ====================================================
+``meta``                   ``ds/<name>`` -> msgpack map: ``gen`` (int, the live
+                           generation), ``epoch`` (16 bytes or nil),
+                           ``version`` (int), ``digest`` (24 bytes),
+                           ``meta_revision`` (int), ``definition`` (bytes: the
+                           origin's dataset definition: schemas, dictionary,
+                           geometry), ``synced_at`` (float, unix seconds).
+                           ``stage/<name>`` -> the staged snapshot in progress
+``d/<name>/<gen % 2>``     records: key -> value bytes, exactly as the origin
+                           encoded them
+``l/<name>/<gen % 2>``     Merkle leaf index: leaf (4 bytes BE) + key -> the
+                           entry's 128-bit hash (16 bytes BE)
+=========================  ====================================================
+
+A reader begins a read transaction, reads ``ds/<name>`` and then
+``d/<name>/<gen % 2>``: everything it sees belongs to one origin version.
+
+Every :class:`~replicad.replica.Apply` is one write transaction. A diff
+(``LIVE``) updates the live generation's records and leaf index and the
+``ds/`` record; before the commit the digest the batch expects is compared
+with the digest the live tree would have after it, and a mismatch aborts
+the transaction (nothing written, the tree untouched). A snapshot loads into
+generation ``gen + 1`` (``STAGING``), chunk by chunk, each chunk committed
+with its resume position (``stage/<name>``) so a crash resumes the load;
+the promotion applies the catch-up diff to the staging generation, checks its
+digest, flips ``gen`` and empties the old generation's databases, all in one
+transaction (the two slots alternate, so no database handle is ever closed).
+Readers that began before the flip keep reading the old generation (LMDB's
+MVCC) until they end their transaction.
+
+The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
+generation (and one for a staging generation), rebuilt at start-up from the
+leaf index (or loaded when saved at a clean shutdown), and updated only after
+a transaction commits.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+from xxhash import xxh3_64_intdigest
+
+from replicad.errors import CorruptStateError, MapFullError, StorageError
+from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
+from replicad.messages import Cursor, MetaBlob
+from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
+
+_LEAF = struct.Struct(">I")
+MAX_DATASETS = 500
+
+
+def _db_name(kind: str, name: str, gen: int) -> bytes:
+    """Generations alternate between two slots, so the database handles this
+    process (and readers) opened stay valid across promotions."""
+    return f"{kind}/{name}/{gen % 2}".encode()
+
+
+def geometry_of(definition: bytes | None) -> Geometry:
+    """The Merkle geometry named in an origin dataset definition (default
+    when there is none yet)."""
+    if not definition:
+        return Geometry()
+    doc = msgpack.unpackb(definition, raw=False)
+    return Geometry.from_json(doc["geometry"])
+
+
+@dataclass
+class _Gen:
+    """One generation of a dataset: its databases and tree."""
+
+    gen: int
+    records: Any
+    leaves: Any
+    tree: MerkleTree
+
+
+@dataclass
+class _DatasetState:
+    name: str
+    gen: int
+    cursor: Cursor | None
+    meta_revision: int
+    definition: bytes | None
+    synced_at: float | None
+    live: _Gen
+    staging: _Gen | None
+    progress: SnapshotProgress | None
+    staged_meta: MetaBlob | None = None
+
+
+class _LeafView:
+    """LeafSource over one generation's leaf index (a short read txn per call)."""
+
+    def __init__(self, mirror: Mirror, name: str) -> None:
+        self._mirror = mirror
+        self._name = name
+
+    def leaf_entries(self, leaf: int) -> LeafEntries:
+        return self._mirror.leaf_entries(self._name, leaf)
+
+
+class DatasetHandle:
+    """What the replica state machine sees of one dataset (LocalContent)."""
+
+    def __init__(self, mirror: Mirror, name: str) -> None:
+        self._mirror = mirror
+        self._name = name
+        self._leaves = _LeafView(mirror, name)
+
+    @property
+    def tree(self) -> MerkleTree:
+        return self._mirror._state(self._name).live.tree
+
+    @property
+    def leaves(self) -> _LeafView:
+        return self._leaves
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def apply(self, batch: Apply) -> bool:
+        return self._mirror.apply(self._name, batch)
+
+    def state(self) -> ReplicaState:
+        return self._mirror.state(self._name)
+
+
+class Mirror:
+    """The sidecar's LMDB mirror. One writer (the sync loop; writes are
+    serialized internally), any number of readers.
+
+    Raises :class:`StorageError` if the environment cannot be opened and
+    :class:`CorruptStateError` if its metadata cannot be read.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        map_size: int = 1 << 30,
+        max_map_size: int = 1 << 40,
+        max_readers: int = 1024,
+        durable: bool = True,
+        file_mode: int = 0o640,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.max_map_size = max(map_size, max_map_size)
+        self._clock = clock
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Condition()
+        self._readers = 0
+        self._datasets: dict[str, _DatasetState] = {}
+        self._closed = False
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=4 * MAX_DATASETS + 1,
+                max_readers=max_readers,
+                sync=durable,
+                metasync=durable,
+                readahead=False,
+                mode=file_mode,
+            )
+            self.stale_readers_cleared = self._env.reader_check()
+            self._meta = self._env.open_db(b"meta")
+            self._load()
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the mirror at {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------ start-up
+
+    def _load(self) -> None:
+        with self._env.begin() as txn:
+            rows = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._meta)}
+        for key, raw in rows.items():
+            if not key.startswith(b"ds/"):
+                continue
+            name = key[3:].decode()
+            try:
+                doc = msgpack.unpackb(raw, raw=False)
+                gen = int(doc["gen"])
+                epoch = doc["epoch"]
+                cursor = None if epoch is None else Cursor(bytes(epoch), int(doc["version"]))
+                definition = doc["definition"]
+                stage_raw = rows.get(b"stage/" + name.encode())
+                progress = None
+                staged_meta = None
+                if stage_raw is not None:
+                    st = msgpack.unpackb(stage_raw, raw=False)
+                    progress = SnapshotProgress(
+                        Cursor(bytes(st["epoch"]), int(st["version"])), st["after"]
+                    )
+                    if st.get("definition") is not None:
+                        staged_meta = MetaBlob(int(st["meta_revision"]), st["definition"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CorruptStateError(f"mirror: dataset {name!r} metadata: {exc}") from exc
+            live = self._open_gen(name, gen, geometry_of(definition), build=True)
+            staging = None
+            if progress is not None:
+                staged_def = staged_meta.body if staged_meta else definition
+                staging = self._open_gen(name, gen + 1, geometry_of(staged_def), build=True)
+            self._datasets[name] = _DatasetState(
+                name,
+                gen,
+                cursor,
+                int(doc.get("meta_revision", 0)),
+                definition,
+                doc.get("synced_at"),
+                live,
+                staging,
+                progress,
+                staged_meta,
+            )
+
+    def _open_gen(self, name: str, gen: int, geometry: Geometry, *, build: bool) -> _Gen:
+        records = self._env.open_db(_db_name("d", name, gen))
+        leaves = self._env.open_db(_db_name("l", name, gen))
+        tree = MerkleTree(geometry)
+        if build:
+            with self._env.begin(buffers=True) as txn:
+                for k, v in txn.cursor(db=leaves):
+                    tree.update_leaf(_LEAF.unpack_from(k)[0], None, int.from_bytes(v, "big"))
+        return _Gen(gen, records, leaves, tree)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._env.close()
+            self._closed = True
+
+    # ------------------------------------------------------------ datasets
+
+    def ensure(self, name: str) -> DatasetHandle:
+        """Register ``name`` (creating an empty entry on first use) and return
+        the handle the replica state machine reads the local tree through."""
+        with self._write_lock:
+            if name not in self._datasets:
+                if len(self._datasets) >= MAX_DATASETS:
+                    raise StorageError(f"the mirror holds at most {MAX_DATASETS} datasets")
+                live = self._open_gen(name, 1, Geometry(), build=False)
+                ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)
+                with self._env.begin(write=True) as txn:
+                    self._put_ds(txn, ds, 1, None, meta=None, synced_at=None)
+                with self._state_lock:
+                    self._datasets[name] = ds
+        return DatasetHandle(self, name)
+
+    def names(self) -> list[str]:
+        return sorted(self._datasets)
+
+    def _state(self, name: str) -> _DatasetState:
+        return self._datasets[name]
+
+    def state(self, name: str) -> ReplicaState:
+        ds = self._state(name)
+        return ReplicaState(ds.cursor, ds.meta_revision, ds.progress)
+
+    def cursor(self, name: str) -> Cursor | None:
+        return self._state(name).cursor
+
+    def digest(self, name: str) -> Digest:
+        return self._state(name).live.tree.digest
+
+    def synced_at(self, name: str) -> float | None:
+        return self._state(name).synced_at
+
+    def definition(self, name: str) -> bytes | None:
+        return self._state(name).definition
+
+    # ------------------------------------------------------------ reads
+
+    @contextmanager
+    def read(self) -> Iterator[Any]:
+        """A read transaction of this process (short, please); counted so a
+        map resize can wait for it."""
+        with self._state_lock:
+            self._readers += 1
+        try:
+            with self._env.begin() as txn:
+                yield txn
+        finally:
+            with self._state_lock:
+                self._readers -= 1
+                self._state_lock.notify_all()
+
+    def get(self, name: str, key: bytes) -> bytes | None:
+        ds = self._state(name)
+        with self.read() as txn:
+            value = txn.get(key, db=ds.live.records)
+            return None if value is None else bytes(value)
+
+    def leaf_entries(self, name: str, leaf: int) -> LeafEntries:
+        ds = self._state(name)
+        prefix = _LEAF.pack(leaf)
+        out: LeafEntries = []
+        with self.read() as txn:
+            cur = txn.cursor(db=ds.live.leaves)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:4] != prefix:
+                        break
+                    out.append((bytes(k[4:]), int.from_bytes(v, "big")))
+        return out
+
+    def items(self, name: str) -> dict[bytes, bytes]:
+        """Every live record (for tests and small datasets)."""
+        ds = self._state(name)
+        with self.read() as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor(db=ds.live.records)}
+
+    # ------------------------------------------------------------ writes
+
+    def apply(self, name: str, batch: Apply) -> bool:
+        """Execute ``batch`` in one write transaction (see the module doc).
+
+        Returns False, with nothing written, when the digest after the batch
+        would not be ``batch.expected_digest``. Raises MapFullError (nothing
+        written) when the map is full at its maximum size, StorageError for
+        other LMDB failures.
+        """
+        with self._write_lock:
+            while True:
+                try:
+                    return self._apply(name, batch)
+                except lmdb.MapFullError as exc:
+                    size = self._env.info()["map_size"]
+                    if size >= self.max_map_size:
+                        raise MapFullError(
+                            f"mirror full at its maximum map size ({size >> 20} MiB)"
+                        ) from exc
+                    self._grow(min(size * 2, self.max_map_size))
+                except lmdb.Error as exc:
+                    raise StorageError(f"mirror write failed: {exc}") from exc
+
+    def _grow(self, size: int) -> None:
+        with self._state_lock:
+            while self._readers:
+                self._state_lock.wait()
+            self._env.set_mapsize(size)
+
+    def _apply(self, name: str, batch: Apply) -> bool:
+        ds = self._state(name)
+        now = self._clock()
+        staged_meta = ds.staged_meta
+        txn = self._env.begin(write=True)
+        try:
+            if batch.target is Target.LIVE:
+                target = ds.live
+            elif batch.reset_staging or ds.staging is None:
+                staged_meta = batch.meta
+                definition = staged_meta.body if staged_meta else ds.definition
+                target = self._fresh_gen(txn, name, ds.gen + 1, geometry_of(definition))
+            else:
+                target = ds.staging
+                staged_meta = batch.meta or staged_meta
+            changes = self._write_records(txn, target, batch)
+            digest_after = target.tree.stage(changes).digest_after
+            verify = batch.target is Target.LIVE or batch.promote
+            if verify and batch.expected_digest not in (None, digest_after):
+                txn.abort()
+                return False
+            stage_key = b"stage/" + name.encode()
+            if batch.target is Target.LIVE:
+                self._put_ds(txn, ds, ds.gen, batch.cursor, meta=batch.meta, synced_at=now)
+            elif batch.promote:
+                self._put_ds(txn, ds, target.gen, batch.cursor, meta=staged_meta, synced_at=now)
+                txn.delete(stage_key, db=self._meta)
+                txn.drop(ds.live.records, delete=False)  # empty the old slot
+                txn.drop(ds.live.leaves, delete=False)
+            else:
+                if batch.progress is None:
+                    raise StorageError("a staging batch without progress")
+                p = batch.progress
+                stage = {
+                    "epoch": p.base.epoch,
+                    "version": p.base.version,
+                    "after": p.after,
+                    "definition": None if staged_meta is None else staged_meta.body,
+                    "meta_revision": None if staged_meta is None else staged_meta.revision,
+                }
+                txn.put(stage_key, msgpack.packb(stage, use_bin_type=True), db=self._meta)
+        except BaseException:
+            txn.abort()
+            raise
+        with self._state_lock:
+            txn.commit()
+            for key, old, new in changes:
+                target.tree.update(key, old, new)
+            if batch.target is Target.LIVE:
+                ds.cursor, ds.synced_at = batch.cursor, now
+                if batch.meta is not None:
+                    ds.definition, ds.meta_revision = batch.meta.body, batch.meta.revision
+            elif batch.promote:
+                if staged_meta is not None:
+                    ds.definition, ds.meta_revision = staged_meta.body, staged_meta.revision
+                ds.live, ds.staging, ds.gen = target, None, target.gen
+                ds.cursor, ds.synced_at, ds.progress, ds.staged_meta = batch.cursor, now, None, None
+            else:
+                ds.staging, ds.progress, ds.staged_meta = target, batch.progress, staged_meta
+        return True
+
+    def _fresh_gen(self, txn: Any, name: str, gen: int, geometry: Geometry) -> _Gen:
+        records = self._env.open_db(_db_name("d", name, gen), txn=txn)
+        leaves = self._env.open_db(_db_name("l", name, gen), txn=txn)
+        txn.drop(records, delete=False)
+        txn.drop(leaves, delete=False)
+        return _Gen(gen, records, leaves, MerkleTree(geometry))
+
+    def _write_records(
+        self, txn: Any, gen: _Gen, batch: Apply
+    ) -> list[tuple[bytes, bytes | None, bytes | None]]:
+        changes: list[tuple[bytes, bytes | None, bytes | None]] = []
+        shift = 64 - (gen.tree.geometry.leaves.bit_length() - 1)
+        for key, value in batch.upserts:
+            old = txn.replace(key, value, db=gen.records)
+            if old == value:
+                continue
+            leaf = xxh3_64_intdigest(key) >> shift
+            txn.put(
+                _LEAF.pack(leaf) + key,
+                entry_hash(key, value).to_bytes(16, "big"),
+                db=gen.leaves,
+            )
+            changes.append((key, None if old is None else bytes(old), value))
+        for key in batch.deletes:
+            old = txn.pop(key, db=gen.records)
+            if old is None:
+                continue
+            leaf = xxh3_64_intdigest(key) >> shift
+            txn.delete(_LEAF.pack(leaf) + key, db=gen.leaves)
+            changes.append((key, bytes(old), None))
+        return changes
+
+    def _put_ds(
+        self,
+        txn: Any,
+        ds: _DatasetState,
+        gen: int,
+        cursor: Cursor | None,
+        *,
+        meta: MetaBlob | None,
+        synced_at: float | None,
+    ) -> None:
+        doc: dict[str, Any] = {
+            "gen": gen,
+            "epoch": None if cursor is None else cursor.epoch,
+            "version": 0 if cursor is None else cursor.version,
+            "meta_revision": ds.meta_revision if meta is None else meta.revision,
+            "definition": ds.definition if meta is None else meta.body,
+            "synced_at": synced_at,
+        }
+        txn.put(b"ds/" + ds.name.encode(), msgpack.packb(doc, use_bin_type=True), db=self._meta)
