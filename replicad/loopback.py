@@ -170,3 +170,5 @@ class LoopbackDriver:
             elif isinstance(follow, Send):  # the machine abandoned the stream
                 self._perform(follow, now)
                 return
+            if not self.sync.streaming:
+                return

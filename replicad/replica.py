@@ -401,6 +401,12 @@ class ReplicaSync:
         return self._local.tree.digest
 
     @property
+    def streaming(self) -> bool:
+        """True while the machine accepts further chunks of a snapshot
+        stream; when it turns False mid-stream, the adapter drops the stream."""
+        return self._streaming and self.phase is Phase.SNAPSHOT
+
+    @property
     def busy(self) -> bool:
         """True while an action is outstanding."""
         return self._outstanding is not None
@@ -424,6 +430,7 @@ class ReplicaSync:
         )
         self._retry_at = now + self._rng.uniform(cap / 2, cap)
         self._pending = None
+        self._streaming = False
 
     def _finish(self, kind: SyncKind, now: float) -> None:
         _count(self.stats.syncs, kind.value)

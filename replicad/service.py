@@ -69,13 +69,17 @@ class _Subscriber:
             self.pending[hint.dataset] = hint
             self.wakeup.set()
 
-    async def __aiter__(self) -> AsyncIterator[Hint]:
-        while True:
+    def __aiter__(self) -> _Subscriber:
+        return self
+
+    async def __anext__(self) -> Hint:
+        """The next hint: the newest per dataset, datasets in name order.
+        A plain iterator (not an async generator), so abandoning it needs no
+        cleanup."""
+        while not self.pending:
             await self.wakeup.wait()
             self.wakeup = trio.Event()
-            hints, self.pending = self.pending, {}
-            for name in sorted(hints):
-                yield hints[name]
+        return self.pending.pop(min(self.pending))
 
 
 class OriginService:
@@ -262,7 +266,7 @@ class OriginService:
             sub.offer(Hint(info.name, info.cursor, info.digest))
         self._subscribers.add(sub)
         try:
-            yield sub.__aiter__()
+            yield sub
         finally:
             self._subscribers.discard(sub)
 

@@ -1,0 +1,346 @@
+"""The sidecar's sync loop: the replica state machine driven by trio.
+
+Theory of operation
+-------------------
+One :class:`DatasetSync` task per dataset runs the cycle of
+:mod:`replicad.replica`: ask the machine for its next action, perform it
+(a request through the transport, an Apply in a worker thread against the
+LMDB mirror), feed the result back, and sleep until the machine's deadline
+or a hint. A single hint task follows the origin's hint stream for every
+dataset and reconnects with backoff and jitter when it breaks; hints only
+wake the per-dataset tasks, which coalesce any burst into one pull. An ack
+task reports the cursors to the origin for its fleet view.
+
+Time is ``trio.current_time()`` (monotonic), so tests can run the loop under
+``trio.testing.MockClock``. The transport is a parameter
+(:class:`SyncTransport`): :class:`replicad.client.AsyncSyncClient` over HTTP,
+or anything that answers the same calls (tests plug the origin store in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from replicad.errors import ReplicadError, StorageError
+from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
+from replicad.metrics import Registry
+from replicad.replica import Apply, ReplicaSync, Send, SyncConfig, Wait
+from sidecar.mirror import DatasetHandle, Mirror
+
+log = logging.getLogger("sidecar.agent")
+
+
+class SyncTransport(Protocol):
+    """What the sync loop needs from the origin (or a relay)."""
+
+    async def request(self, req: Request) -> Response: ...
+
+    def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]: ...
+
+    def hints(self, datasets: Collection[str] | None = None) -> AsyncGenerator[Hint, None]: ...
+
+    async def ack(
+        self, replica: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any] | None = None
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Loop settings (the CLI builds them from TOML, environment and flags)."""
+
+    datasets: tuple[str, ...]
+    replica_id: str
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    request_timeout: float = 60.0
+    ack_interval: float = 10.0
+    hint_backoff_base: float = 0.1
+    hint_backoff_max: float = 10.0
+    max_staleness: float = 30.0
+    """Ready only while every dataset synced within this many seconds."""
+
+
+class DatasetSync:
+    """Drives one dataset's :class:`ReplicaSync` against the transport."""
+
+    def __init__(
+        self,
+        handle: DatasetHandle,
+        transport: SyncTransport,
+        settings: AgentSettings,
+        rng: random.Random,
+        metrics: AgentMetrics,
+    ) -> None:
+        self.handle = handle
+        self.name = handle.name
+        self.transport = transport
+        self.settings = settings
+        self.metrics = metrics
+        self.sync = ReplicaSync(
+            handle.name,
+            state=handle.state(),
+            local=handle,
+            rng=rng,
+            now=trio.current_time(),
+            config=settings.sync,
+        )
+        self._wake = trio.Event()
+        self.bytes_pulled = 0
+
+    def hint(self, hint: Hint) -> None:
+        self.sync.hint(hint, trio.current_time())
+        self._wake.set()
+
+    def pull_now(self) -> None:
+        self.sync.request_pull()
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            action = self.sync.next_action(trio.current_time())
+            if isinstance(action, Wait):
+                if action.deadline is None:
+                    await self._wake.wait()
+                else:
+                    with trio.move_on_at(action.deadline):
+                        await self._wake.wait()
+                self._wake = trio.Event()
+            elif isinstance(action, Apply):
+                await self._apply(action)
+            else:
+                await self._send(action)
+
+    async def _apply(self, batch: Apply) -> None:
+        start = time.perf_counter()
+        try:
+            ok = await trio.to_thread.run_sync(self.handle.apply, batch)
+        except StorageError as exc:
+            log.error("apply failed", extra={"dataset": self.name, "error": str(exc)})
+            self.sync.apply_failed(str(exc), trio.current_time())
+            return
+        self.metrics.apply_seconds.observe(time.perf_counter() - start, self.name)
+        self.bytes_pulled += sum(len(k) + len(v) for k, v in batch.upserts)
+        if not ok:
+            log.warning("digest mismatch; repairing", extra={"dataset": self.name})
+        self.sync.applied(ok, trio.current_time())
+
+    async def _send(self, action: Send) -> None:
+        req = action.request
+        follow: Send | None = None
+        try:
+            with trio.fail_after(self.settings.request_timeout):
+                if isinstance(req, SnapshotRequest) and req.stream:
+                    follow = await self._stream(req)
+                else:
+                    resp = await self.transport.request(req)
+                    self.sync.response(resp, trio.current_time())
+        except (ReplicadError, trio.TooSlowError, OSError) as exc:
+            reason = f"{type(req).__name__}: {exc or type(exc).__name__}"
+            log.warning("sync request failed", extra={"dataset": self.name, "error": reason})
+            self.sync.failed(reason, trio.current_time())
+        if follow is not None:
+            await self._send(follow)
+
+    async def _stream(self, req: SnapshotRequest) -> Send | None:
+        """Feed the stream's chunks; return a request the machine handed out
+        instead of the next chunk (it moved on), to perform after the stream
+        is closed."""
+        async with contextlib.aclosing(self.transport.snapshot_stream(req)) as chunks:
+            async for chunk in chunks:
+                self.sync.response(chunk, trio.current_time())
+                follow = self.sync.next_action(trio.current_time())
+                if isinstance(follow, Apply):
+                    await self._apply(follow)
+                elif isinstance(follow, Send):
+                    return follow
+                if not self.sync.streaming:
+                    return None
+        return None
+
+
+class AgentMetrics:
+    """The sidecar's Prometheus metrics."""
+
+    def __init__(self, registry: Registry, agent: Agent) -> None:
+        self.registry = registry
+        self.apply_seconds = registry.histogram(
+            "sidecar_apply_seconds", "Time to apply one batch.", ["dataset"]
+        )
+        registry.gauge(
+            "sidecar_lag_versions",
+            "Origin version minus ours.",
+            ["dataset"],
+            collect=agent.lag_versions,
+        )
+        registry.gauge(
+            "sidecar_seconds_since_sync",
+            "Seconds since the last successful sync.",
+            ["dataset"],
+            collect=agent.seconds_since_sync,
+        )
+        registry.gauge("sidecar_version", "Mirror version.", ["dataset"], collect=agent.versions)
+        registry.gauge(
+            "sidecar_records", "Records in the mirror.", ["dataset"], collect=agent.records
+        )
+        registry.gauge(
+            "sidecar_bytes_pulled", "Record bytes applied.", ["dataset"], collect=agent.bytes
+        )
+        registry.gauge(
+            "sidecar_syncs", "Completed syncs by kind.", ["dataset", "kind"], collect=agent.syncs
+        )
+        registry.gauge(
+            "sidecar_sync_errors", "Failed requests and applies.", ["dataset"], collect=agent.errors
+        )
+        registry.gauge(
+            "sidecar_ready", "1 when ready.", collect=lambda: [((), float(agent.ready()))]
+        )
+        self.hint_reconnects = registry.counter(
+            "sidecar_hint_reconnects_total", "Hint stream (re)connections."
+        )
+
+
+class Agent:
+    """The whole sidecar loop over one mirror and one transport."""
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        transport: SyncTransport,
+        settings: AgentSettings,
+        *,
+        rng: random.Random | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.mirror = mirror
+        self.transport = transport
+        self.settings = settings
+        self.rng = rng or random.Random()
+        self.registry = registry or Registry()
+        self.metrics = AgentMetrics(self.registry, self)
+        self.datasets = {
+            name: DatasetSync(mirror.ensure(name), transport, settings, self.rng, self.metrics)
+            for name in settings.datasets
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for ds in self.datasets.values():
+                await nursery.start(ds.run)
+            nursery.start_soon(self._follow_hints)
+            nursery.start_soon(self._ack_loop)
+            task_status.started()
+
+    async def _follow_hints(self) -> None:
+        failures = 0
+        names = list(self.datasets)
+        while True:
+            self.metrics.hint_reconnects.inc()
+            try:
+                async with contextlib.aclosing(self.transport.hints(names)) as hints:
+                    async for hint in hints:
+                        failures = 0
+                        ds = self.datasets.get(hint.dataset)
+                        if ds is not None:
+                            ds.hint(hint)
+            except (ReplicadError, OSError) as exc:
+                log.warning("hint stream broke", extra={"error": str(exc)})
+            failures += 1
+            cap = min(
+                self.settings.hint_backoff_max,
+                self.settings.hint_backoff_base * 2 ** min(failures, 30),
+            )
+            await trio.sleep(self.rng.uniform(cap / 2, cap))
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.ack_interval)
+            cursors = {n: c for n in self.datasets if (c := self.mirror.cursor(n)) is not None}
+            try:
+                await self.transport.ack(self.settings.replica_id, cursors, {"ready": self.ready()})
+            except (ReplicadError, OSError) as exc:
+                log.info("ack failed", extra={"error": str(exc)})
+
+    # --- status
+
+    def ready(self) -> bool:
+        """Every dataset has finished a sync in this process and synced within
+        ``max_staleness`` seconds."""
+        now = trio.current_time()
+        for ds in self.datasets.values():
+            last = ds.sync.last_sync
+            if not ds.sync.ready or last is None or now - last > self.settings.max_staleness:
+                return False
+        return True
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        out: dict[str, Any] = {}
+        for name, ds in self.datasets.items():
+            cursor = ds.sync.cursor
+            origin = ds.sync.origin_cursor
+            out[name] = {
+                "epoch": None if cursor is None else cursor.epoch.hex(),
+                "version": None if cursor is None else cursor.version,
+                "origin_version": None if origin is None else origin.version,
+                "lag": _lag(cursor, origin),
+                "ready": ds.sync.ready,
+                "phase": ds.sync.phase.value,
+                "seconds_since_sync": None
+                if ds.sync.last_sync is None
+                else now - ds.sync.last_sync,
+                "records": ds.sync.digest.count,
+                "syncs": dict(ds.sync.stats.syncs),
+                "errors": ds.sync.stats.failures,
+                "last_error": ds.sync.stats.last_error,
+            }
+        return out
+
+    def lag_versions(self) -> list[tuple[tuple[str, ...], float]]:
+        out: list[tuple[tuple[str, ...], float]] = []
+        for name, ds in self.datasets.items():
+            lag = _lag(ds.sync.cursor, ds.sync.origin_cursor)
+            out.append(((name,), float("nan") if lag is None else float(lag)))
+        return out
+
+    def seconds_since_sync(self) -> list[tuple[tuple[str, ...], float]]:
+        now = trio.current_time()
+        return [
+            ((n,), float("inf") if d.sync.last_sync is None else now - d.sync.last_sync)
+            for n, d in self.datasets.items()
+        ]
+
+    def versions(self) -> list[tuple[tuple[str, ...], float]]:
+        return [
+            ((n,), -1.0 if d.sync.cursor is None else float(d.sync.cursor.version))
+            for n, d in self.datasets.items()
+        ]
+
+    def records(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((n,), float(d.sync.digest.count)) for n, d in self.datasets.items()]
+
+    def bytes(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((n,), float(d.bytes_pulled)) for n, d in self.datasets.items()]
+
+    def syncs(self) -> list[tuple[tuple[str, ...], float]]:
+        return [
+            ((n, kind), float(count))
+            for n, d in self.datasets.items()
+            for kind, count in sorted(d.sync.stats.syncs.items())
+        ]
+
+    def errors(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((n,), float(d.sync.stats.failures)) for n, d in self.datasets.items()]
+
+
+def _lag(cursor: Cursor | None, origin: Cursor | None) -> int | None:
+    if cursor is None or origin is None or cursor.epoch != origin.epoch:
+        return None
+    return max(0, origin.version - cursor.version)

@@ -1,0 +1,180 @@
+"""The sidecar's sync loop under trio, against the real origin service in
+the same process (group commit, hints), with the real LMDB mirror."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncGenerator, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from replicad.errors import OriginUnavailableError
+from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
+from replicad.origin_types import DatasetSpec, WriteBatch
+from replicad.replica import SyncConfig
+from replicad.sample import seed_like_record, seed_like_schema
+from replicad.service import OriginService
+from replicad.store import OriginStore
+from sidecar.agent import Agent, AgentSettings
+from sidecar.mirror import Mirror
+
+
+class ServiceTransport:
+    """The origin service called directly; ``hints_on`` cuts the hint
+    stream (it then fails every reconnect) to test the safety poll."""
+
+    def __init__(self, service: OriginService) -> None:
+        self.service = service
+        self.hints_on = True
+        self.acks: list[tuple[str, dict[str, Cursor]]] = []
+        self.requests = 0
+
+    async def request(self, req: Request) -> Response:
+        self.requests += 1
+        return await self.service.sync(req)  # type: ignore[arg-type]
+
+    async def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]:
+        self.requests += 1
+        async with contextlib.aclosing(self.service.snapshot_stream(req)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def hints(self, datasets: Collection[str] | None = None) -> AsyncGenerator[Hint, None]:
+        if not self.hints_on:
+            raise OriginUnavailableError("hints are cut")
+        async with self.service.subscribe(datasets) as hints:
+            async for hint in hints:
+                if not self.hints_on:
+                    raise OriginUnavailableError("hints are cut")
+                yield hint
+
+    async def ack(
+        self, replica: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any] | None = None
+    ) -> None:
+        self.acks.append((replica, dict(datasets)))
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def records(store: OriginStore) -> dict[bytes, bytes]:
+    with store.view("up") as view:
+        return dict(view.scan(None, 10**9)[0])
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "origin", tmp_path / "mirror"
+
+
+async def test_the_agent_bootstraps_follows_hints_and_acks(paths: tuple[Path, Path]) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    transport = ServiceTransport(service)
+    settings = AgentSettings(
+        datasets=("up",),
+        replica_id="test-1",
+        sync=SyncConfig(poll_interval=60.0, snapshot_chunk=100),
+        ack_interval=0.05,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
+        )
+        agent = Agent(mirror, transport, settings, rng=random.Random(1))
+        await nursery.start(agent.run)
+        await wait_until(agent.ready)
+        assert mirror.items("up") == records(store)
+        # writes propagate through hints, long before the 60 s safety poll
+        for i in range(20):
+            await service.write(WriteBatch("up", {b"u%04d" % i: seed_like_record(1000 + i)}))
+        await service.write(WriteBatch("up", {}, [b"u0499"]))
+        await wait_until(lambda: mirror.cursor("up") == store.info("up").cursor, timeout=5)
+        assert mirror.items("up") == records(store)
+        await wait_until(
+            lambda: any(c.get("up") == store.info("up").cursor for _, c in transport.acks)
+        )
+        status = agent.status()["up"]
+        assert status["lag"] == 0 and status["ready"] and status["syncs"]["snapshot"] == 1
+        text = agent.registry.render()
+        assert 'sidecar_lag_versions{dataset="up"} 0' in text
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+async def test_lost_hints_are_covered_by_the_safety_poll(paths: tuple[Path, Path]) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    transport = ServiceTransport(service)
+    settings = AgentSettings(
+        datasets=("up",),
+        replica_id="test-2",
+        sync=SyncConfig(poll_interval=0.3),
+        hint_backoff_base=0.05,
+        hint_backoff_max=0.1,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        agent = Agent(mirror, transport, settings, rng=random.Random(2))
+        await nursery.start(agent.run)
+        await wait_until(agent.ready)
+        transport.hints_on = False
+        result = await service.write(WriteBatch("up", {b"late": seed_like_record(1)}))
+        await wait_until(lambda: mirror.cursor("up") == result.cursor, timeout=5)
+        assert mirror.items("up") == records(store)
+        assert agent.metrics.hint_reconnects.value() >= 2
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
+    paths: tuple[Path, Path],
+) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    settings = AgentSettings(
+        datasets=("up",), replica_id="test-3", sync=SyncConfig(poll_interval=0.2)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(300)})
+        )
+        mirror = Mirror(paths[1], durable=False)
+        transport = ServiceTransport(service)
+        async with trio.open_nursery() as inner:
+            agent = Agent(mirror, transport, settings, rng=random.Random(3))
+            await inner.start(agent.run)
+            await wait_until(agent.ready)
+            inner.cancel_scope.cancel()
+        mirror.close()
+        # while the sidecar is down: the origin loses its history and changes
+        await service.reset_history("up")
+        await service.write(WriteBatch("up", {b"u0001": seed_like_record(99)}))
+        mirror = Mirror(paths[1], durable=False)
+        transport = ServiceTransport(service)
+        agent = Agent(mirror, transport, settings, rng=random.Random(4))
+        await nursery.start(agent.run)
+        await wait_until(lambda: mirror.cursor("up") == store.info("up").cursor, timeout=5)
+        ds = agent.datasets["up"].sync
+        assert ds.stats.syncs == {"merkle": 1}
+        assert ds.stats.records_applied == 1
+        assert mirror.items("up") == records(store)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
