@@ -23,7 +23,7 @@ Theory of operation
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,7 +228,9 @@ class OriginService:
         self.store.info(request.dataset)
         return await trio.to_thread.run_sync(self.store.answer, request, self.responder)
 
-    async def snapshot_stream(self, request: SnapshotRequest) -> AsyncIterator[SnapshotChunk]:
+    async def snapshot_stream(
+        self, request: SnapshotRequest
+    ) -> AsyncGenerator[SnapshotChunk, None]:
         """Every chunk from ``request.after`` to the end, read in one read
         transaction (one version), one worker-thread hop per chunk."""
         self._m_sync.inc(1, "SnapshotStream")
