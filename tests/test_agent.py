@@ -35,7 +35,7 @@ class ServiceTransport:
 
     async def request(self, req: Request) -> Response:
         self.requests += 1
-        return await self.service.sync(req)  # type: ignore[arg-type]
+        return await self.service.sync(req)
 
     async def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]:
         self.requests += 1
