@@ -23,9 +23,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -43,9 +43,9 @@ class SyncTransport(Protocol):
 
     async def request(self, req: Request) -> Response: ...
 
-    def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]: ...
+    def snapshot_stream(self, req: SnapshotRequest) -> AsyncIterator[SnapshotChunk]: ...
 
-    def hints(self, datasets: Collection[str] | None = None) -> AsyncGenerator[Hint, None]: ...
+    def hints(self, datasets: Collection[str] | None = None) -> AsyncIterator[Hint]: ...
 
     async def ack(
         self, replica: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any] | None = None
@@ -153,7 +153,7 @@ class DatasetSync:
         """Feed the stream's chunks; return a request the machine handed out
         instead of the next chunk (it moved on), to perform after the stream
         is closed."""
-        async with contextlib.aclosing(self.transport.snapshot_stream(req)) as chunks:
+        async with _closing(self.transport.snapshot_stream(req)) as chunks:
             async for chunk in chunks:
                 self.sync.response(chunk, trio.current_time())
                 follow = self.sync.next_action(trio.current_time())
@@ -244,7 +244,7 @@ class Agent:
         while True:
             self.metrics.hint_reconnects.inc()
             try:
-                async with contextlib.aclosing(self.transport.hints(names)) as hints:
+                async with _closing(self.transport.hints(names)) as hints:
                     async for hint in hints:
                         failures = 0
                         ds = self.datasets.get(hint.dataset)
@@ -338,6 +338,20 @@ class Agent:
 
     def errors(self) -> list[tuple[tuple[str, ...], float]]:
         return [((n,), float(d.sync.stats.failures)) for n, d in self.datasets.items()]
+
+
+_T = TypeVar("_T")
+
+
+@contextlib.asynccontextmanager
+async def _closing(it: AsyncIterator[_T]) -> AsyncGenerator[AsyncIterator[_T], None]:
+    """Close an async generator when the block ends (early exit included)."""
+    try:
+        yield it
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _lag(cursor: Cursor | None, origin: Cursor | None) -> int | None:

@@ -1,0 +1,95 @@
+"""The ``sidecar`` command line. ``main(argv)`` is callable from tests.
+
+* ``sidecar run [--config FILE] [--origin URL] [--data DIR] [--datasets a,b]
+  [--token-file F] [--health ADDR] [--poll-interval S] [--max-staleness S]
+  [--log-format json|text] [--no-durable]`` -- run the agent (settings from
+  the file, then ``SIDECAR_*`` variables, then flags).
+* ``sidecar status [--health URL]`` -- what a running sidecar reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import httpx
+
+from replicad.errors import ReplicadError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from replicad.logs import setup_logging
+    from sidecar import config as sidecar_config
+    from sidecar.main import run
+
+    overrides: dict[str, Any] = {
+        "origin": args.origin,
+        "data": args.data,
+        "datasets": args.datasets,
+        "token_file": args.token_file,
+        "health": args.health,
+        "poll_interval": args.poll_interval,
+        "max_staleness": args.max_staleness,
+        "replica_id": args.replica_id,
+        "log_format": args.log_format,
+        "durable": False if args.no_durable else None,
+    }
+    cfg = sidecar_config.load(args.config, overrides)
+    setup_logging(cfg.log_format)
+    run(cfg)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        response = httpx.get(f"{args.health.rstrip('/')}/status", timeout=10)
+    except httpx.TransportError as exc:
+        raise ReplicadError(f"cannot reach the sidecar at {args.health}: {exc}") from exc
+    doc = response.json()
+    print(f"replica {doc['replica']}: {'ready' if doc['ready'] else 'NOT READY'}")
+    print(f"{'dataset':<24} {'version':>10} {'lag':>6} {'records':>10} {'since sync':>11}  phase")
+    for name, st in sorted(doc["datasets"].items()):
+        since = st["seconds_since_sync"]
+        print(
+            f"{name:<24} {st['version'] if st['version'] is not None else '-':>10} "
+            f"{st['lag'] if st['lag'] is not None else '-':>6} {st['records']:>10} "
+            f"{'-' if since is None else f'{since:.1f}s':>11}  {st['phase']}"
+            + (f"  last error: {st['last_error']}" if st["last_error"] else "")
+        )
+    return 0 if doc["ready"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sidecar", description="Edge replica sidecar.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", help="TOML settings file")
+    run.add_argument("--origin", help="origin URL, e.g. http://127.0.0.1:7070")
+    run.add_argument("--data", help="mirror directory")
+    run.add_argument("--datasets", help="comma-separated dataset names")
+    run.add_argument("--token-file", help="file holding a read token")
+    run.add_argument("--health", help="health port address, e.g. 127.0.0.1:7071")
+    run.add_argument("--poll-interval", type=float, help="safety pull interval (s)")
+    run.add_argument("--max-staleness", type=float, help="readiness bound (s)")
+    run.add_argument("--replica-id", help="name reported to the origin (default: host name)")
+    run.add_argument("--log-format", choices=["json", "text"])
+    run.add_argument("--no-durable", action="store_true", help="no fsync (tests only)")
+    status = sub.add_parser("status", help="ask a running sidecar how it is doing")
+    status.add_argument("--health", default="http://127.0.0.1:7071", help="its health URL")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _status(args)
+    except ReplicadError as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError) as exc:
+        print(f"sidecar: error: unexpected answer: {json.dumps(str(exc))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The sidecar's settings: defaults, a TOML file, the environment, then flags.
+
+Example ``sidecar.toml``::
+
+    origin = "http://origin.internal:7070"
+    data = "/var/lib/sidecar"                 # the mirror (and its lock file)
+    datasets = ["user_profile", "item_stats"]
+    token_file = "/etc/sidecar/read-token"    # or SIDECAR_TOKEN
+    replica_id = "host-a"                     # default: the host name
+    health = "127.0.0.1:7071"                 # /healthz /readyz /metrics /status
+    poll_interval = 5.0                        # safety pull without hints (s)
+    max_staleness = 30.0                       # readiness bound (s)
+    ack_interval = 10.0
+    map_size_mb = 1024                         # grows on demand
+    max_readers = 1024
+    log_format = "json"
+
+Every setting can also come from the environment as ``SIDECAR_<NAME>``
+(``SIDECAR_ORIGIN``, ``SIDECAR_DATASETS=a,b``, ``SIDECAR_TOKEN``, ...), which is
+how a container is usually configured. Precedence: flags, environment, file,
+defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from replicad.config import Listen
+from replicad.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    origin: str = "http://127.0.0.1:7070"
+    data: Path = Path("./sidecar-data")
+    datasets: tuple[str, ...] = ()
+    token: str | None = None
+    replica_id: str = ""
+    health: Listen | None = None
+    poll_interval: float = 5.0
+    max_staleness: float = 30.0
+    ack_interval: float = 10.0
+    request_timeout: float = 60.0
+    map_size_mb: int = 1024
+    max_map_size_mb: int = 1 << 20
+    max_readers: int = 1024
+    file_mode: int = 0o640
+    log_format: str = "json"
+    durable: bool = True
+    ca_file: Path | None = None
+
+    def validate(self) -> SidecarConfig:
+        if not self.datasets:
+            raise ConfigError("no datasets configured (datasets = [...] or --datasets a,b)")
+        if not self.origin.startswith(("http://", "https://")):
+            raise ConfigError(f"origin must be an http(s) URL, got {self.origin!r}")
+        for name in ("poll_interval", "max_staleness", "ack_interval", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.map_size_mb < 1 or self.max_map_size_mb < self.map_size_mb:
+            raise ConfigError("need 1 <= map_size_mb <= max_map_size_mb")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError("log_format must be 'json' or 'text'")
+        if not self.replica_id:
+            return replace(self, replica_id=socket.gethostname())
+        return self
+
+
+_FIELDS = {f.name for f in fields(SidecarConfig)} | {"token_file"}
+
+
+def _float(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key} must be a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+
+
+def _int(key: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer")
+    try:
+        return int(str(value), 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+
+
+def _bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -> SidecarConfig:
+    """Apply ``values`` (None values ignored). ConfigError for unknown keys
+    or values of the wrong type."""
+    cfg = base or SidecarConfig()
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        match key:
+            case "origin" | "replica_id" | "log_format":
+                changes[key] = str(value).rstrip("/") if key == "origin" else str(value)
+            case "data" | "ca_file":
+                changes[key] = Path(str(value))
+            case "datasets":
+                items = value.split(",") if isinstance(value, str) else list(value)
+                changes[key] = tuple(str(v).strip() for v in items if str(v).strip())
+            case "token":
+                changes[key] = str(value).strip() or None
+            case "token_file":
+                try:
+                    changes["token"] = Path(str(value)).read_text(encoding="utf-8").strip() or None
+                except OSError as exc:
+                    raise ConfigError(f"cannot read token file {value}: {exc.strerror}") from exc
+            case "health":
+                changes[key] = Listen.parse(str(value)) if str(value) else None
+            case "poll_interval" | "max_staleness" | "ack_interval" | "request_timeout":
+                changes[key] = _float(key, value)
+            case "map_size_mb" | "max_map_size_mb" | "max_readers" | "file_mode":
+                changes[key] = _int(key, value)
+            case "durable":
+                changes[key] = _bool(key, value)
+    return replace(cfg, **changes)
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> SidecarConfig:
+    """Defaults, then the TOML file, then ``SIDECAR_*`` variables, then
+    ``overrides`` (flags); validated. ConfigError says what is wrong."""
+    cfg = SidecarConfig()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                cfg = from_mapping(tomllib.load(fh), cfg)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: {exc}") from exc
+    env = os.environ if environ is None else environ
+    from_env = {
+        name: env[f"SIDECAR_{name.upper()}"] for name in _FIELDS if f"SIDECAR_{name.upper()}" in env
+    }
+    cfg = from_mapping(from_env, cfg)
+    if overrides:
+        cfg = from_mapping(overrides, cfg)
+    return cfg.validate()

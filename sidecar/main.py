@@ -1,0 +1,95 @@
+"""Run the sidecar as a process: the mirror, the sync loop, the health port.
+
+``serve`` is the trio entry point (tests start it in a nursery); ``run``
+blocks, installing SIGTERM/SIGINT handlers that cancel the loop. Cancelling
+waits for an Apply in progress (LMDB worker threads are not abandoned), so
+a stop never leaves a half-written transaction: it commits or never began.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+from contextlib import AsyncExitStack
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from replicad.client import AsyncSyncClient
+from replicad.replica import SyncConfig
+from sidecar.agent import Agent, AgentSettings, SyncTransport
+from sidecar.config import SidecarConfig
+from sidecar.health import HealthApp
+from sidecar.mirror import Mirror
+
+log = logging.getLogger("sidecar")
+
+
+def settings_of(config: SidecarConfig) -> AgentSettings:
+    return AgentSettings(
+        datasets=config.datasets,
+        replica_id=config.replica_id,
+        sync=SyncConfig(poll_interval=config.poll_interval),
+        request_timeout=config.request_timeout,
+        ack_interval=config.ack_interval,
+        max_staleness=config.max_staleness,
+    )
+
+
+async def serve(
+    config: SidecarConfig,
+    *,
+    transport: SyncTransport | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled. ``task_status.started`` gets the health port's
+    bound addresses (empty without a health port)."""
+    mirror = Mirror(
+        config.data,
+        map_size=config.map_size_mb << 20,
+        max_map_size=config.max_map_size_mb << 20,
+        max_readers=config.max_readers,
+        durable=config.durable,
+        file_mode=config.file_mode,
+    )
+    async with AsyncExitStack() as stack:
+        stack.callback(mirror.close)
+        if transport is None:
+            verify: bool | ssl.SSLContext = True
+            if config.ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(config.ca_file))
+            client = AsyncSyncClient(config.origin, token=config.token, verify=verify)
+            stack.push_async_callback(client.aclose)
+            transport = client
+        agent = Agent(mirror, transport, settings_of(config))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            binds: list[str] = []
+            if config.health is not None:
+                hconfig = hypercorn.config.Config()
+                hconfig.bind = [config.health.bind()]
+                hconfig.accesslog = None
+                hconfig.errorlog = None
+                binds = await nursery.start(hypercorn.trio.serve, HealthApp(agent), hconfig)
+            log.info(
+                "sidecar running",
+                extra={"origin": config.origin, "datasets": list(config.datasets), "health": binds},
+            )
+            task_status.started(binds)
+
+
+def run(config: SidecarConfig) -> None:
+    """Block until SIGTERM or SIGINT, then stop cleanly."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(serve, config)
+                async for signum in signals:
+                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
