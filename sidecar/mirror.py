@@ -244,6 +244,12 @@ class Mirror:
                     tree.update_leaf(_LEAF.unpack_from(k)[0], None, int.from_bytes(v, "big"))
         return _Gen(gen, records, leaves, tree)
 
+    @property
+    def env(self) -> Any:
+        """The LMDB environment, for in-process readers
+        (:meth:`sidecar.reader.Reader.over`)."""
+        return self._env
+
     def close(self) -> None:
         if not self._closed:
             self._env.close()

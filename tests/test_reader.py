@@ -1,0 +1,173 @@
+"""The zero-copy reader over a mirror kept by the real sync machinery."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from replicad.codec import DatasetCodec
+from replicad.errors import StorageError, UnknownDatasetError
+from replicad.loopback import LoopbackDriver
+from replicad.messages import Hint
+from replicad.origin_types import DatasetSpec, WriteBatch, WriteResult
+from replicad.replica import ReplicaSync, SyncConfig
+from replicad.sample import seed_like_record, seed_like_schema
+from replicad.store import OriginStore
+from sidecar.mirror import Mirror
+from sidecar.reader import Reader, StaleDataError
+
+
+def ok(result: WriteResult | Exception) -> WriteResult:
+    assert isinstance(result, WriteResult), result
+    return result
+
+
+class Setup:
+    def __init__(self, tmp: Path, *, map_size: int = 1 << 30) -> None:
+        self.origin = OriginStore(tmp / "origin", durable=False)
+        self.origin.create_dataset(DatasetSpec("up", seed_like_schema()))
+        self.origin.create_dataset(DatasetSpec("blobs", None))
+        ok(
+            self.origin.commit(
+                [WriteBatch("up", {b"u%03d" % i: seed_like_record(i) for i in range(200)})]
+            )[0]
+        )
+        ok(self.origin.commit([WriteBatch("blobs", {b"b1": b"hello", b"b2": b"\x00\x01"})])[0])
+        self.mirror = Mirror(tmp / "mirror", durable=False, map_size=map_size)
+        self.drivers = {}
+        for name in ("up", "blobs"):
+            handle = self.mirror.ensure(name)
+            sync = ReplicaSync(
+                name,
+                state=handle.state(),
+                local=handle,
+                rng=random.Random(1),
+                now=0.0,
+                config=SyncConfig(snapshot_chunk=64),
+            )
+            self.drivers[name] = LoopbackDriver(sync, handle, self.origin)
+        self.sync()
+
+    def sync(self, now: float = 0.0) -> None:
+        for name, driver in self.drivers.items():
+            info = self.origin.info(name)
+            driver.sync.hint(Hint(name, info.cursor, info.digest), now)
+            driver.run(now)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return Setup(tmp_path)
+
+
+def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None:
+    with Reader.over(setup.mirror) as reader:
+        rec = reader.get("up", b"u007")
+        assert rec is not None
+        expected = seed_like_record(7)
+        codec = DatasetCodec([seed_like_schema()])
+        assert rec.to_dict() == codec.decode(codec.encode(expected))  # float32 rounding
+        assert rec["age"] == expected["age"] and rec["city"] == expected["city"]
+        assert rec[0] == rec.values[0]
+        assert rec.get("no_such_field", 42) == 42
+        with pytest.raises(KeyError):
+            rec["no_such_field"]
+        assert rec.cursor == setup.origin.info("up").cursor
+        assert reader.get("up", b"missing") is None
+        many = reader.get_many("up", [b"u001", b"nope", b"u199"])
+        assert [r is not None for r in many] == [True, False, True]
+        assert reader.version("up") == setup.origin.info("up").cursor
+        assert sorted(reader.datasets()) == ["blobs", "up"]
+        blob = reader.get("blobs", b"b2")
+        assert blob is not None and blob.value == b"\x00\x01"
+        with reader.snapshot() as snap:
+            raw = snap.raw("up", b"u007")
+            assert raw is not None and bytes(raw) == rec.raw
+            assert snap.count("up") == 200
+            assert snap.keys("up", b"u19", limit=3) == [b"u190", b"u191", b"u192"]
+            assert snap.version("up") == rec.cursor
+        with pytest.raises(UnknownDatasetError):
+            reader.get("nope", b"x")
+
+
+def test_reader_follows_new_versions_and_generations(setup: Setup, tmp_path: Path) -> None:
+    with Reader.over(setup.mirror) as reader:
+        before = reader.version("up")
+        ok(setup.origin.commit([WriteBatch("up", {b"u001": seed_like_record(500)})])[0])
+        setup.sync(1.0)
+        rec = reader.get("up", b"u001")
+        assert rec is not None and rec["age"] == seed_like_record(500)["age"]
+        assert reader.version("up") != before
+        # a re-snapshot flips the generation; the reader follows it
+        setup.origin.reset_history("up")
+        new = {b"z%03d" % i: seed_like_record(i) for i in range(5)}
+        ok(setup.origin.commit([WriteBatch("up", new, replace=True)])[0])
+        setup.sync(2.0)
+        assert reader.get("up", b"u001") is None
+        assert reader.get("up", b"z001") is not None
+        assert reader.wait_for("up", setup.origin.info("up").cursor.version, timeout=0.1)
+        assert not reader.wait_for("up", 10**9, timeout=0.05)
+
+
+def test_staleness_flag_and_refusal(setup: Setup, tmp_path: Path) -> None:
+    now = [10**10]
+    with Reader.over(setup.mirror, max_staleness=5.0, clock=lambda: now[0]) as reader:
+        rec = reader.get("up", b"u001")
+        assert rec is not None and rec.stale
+    with (
+        Reader.over(setup.mirror, max_staleness=5.0, refuse_stale=True, clock=lambda: now[0]) as r,
+        pytest.raises(StaleDataError),
+    ):
+        r.get("up", b"u001")
+    with Reader.over(setup.mirror, max_staleness=1e12) as reader:
+        rec = reader.get("up", b"u001")
+        assert rec is not None and not rec.stale
+
+
+def test_missing_mirror_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot open the mirror"):
+        Reader(tmp_path / "nothing-here")
+
+
+def test_a_reader_process_survives_map_growth(tmp_path: Path) -> None:
+    setup = Setup(tmp_path, map_size=256 << 10)
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from sidecar.reader import Reader
+        r = Reader({str(tmp_path / "mirror")!r})
+        print(r.version("blobs").version, flush=True)
+        sys.stdin.readline()
+        rec = r.get("blobs", b"big059")
+        print(r.version("blobs").version, len(rec.value), r.resizes, flush=True)
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            first = int(proc.stdout.readline())
+            # grow the map from 256 KiB past 10 MiB (the reader's own first
+            # map size) while the reader is open
+            rng = random.Random(9)
+            for i in range(60):
+                ok(
+                    setup.origin.commit(
+                        [WriteBatch("blobs", {b"big%03d" % i: rng.randbytes(250_000)})]
+                    )[0]
+                )
+            setup.sync(5.0)
+            out, _ = proc.communicate("go\n", timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        version, size, resizes = out.split()
+        assert int(version) > first and int(size) == 250_000
+        assert int(resizes) == 1
+        assert proc.returncode == 0
