@@ -65,6 +65,8 @@ class AgentSettings:
     hint_backoff_max: float = 10.0
     max_staleness: float = 30.0
     """Ready only while every dataset synced within this many seconds."""
+    hints: bool = True
+    """Follow the origin's hint stream (off: the safety poll alone)."""
 
 
 class DatasetSync:
@@ -234,7 +236,8 @@ class Agent:
         async with trio.open_nursery() as nursery:
             for ds in self.datasets.values():
                 await nursery.start(ds.run)
-            nursery.start_soon(self._follow_hints)
+            if self.settings.hints:
+                nursery.start_soon(self._follow_hints)
             nursery.start_soon(self._ack_loop)
             task_status.started()
 
@@ -297,6 +300,8 @@ class Agent:
                 if ds.sync.last_sync is None
                 else now - ds.sync.last_sync,
                 "records": ds.sync.digest.count,
+                "records_applied": ds.sync.stats.records_applied,
+                "digest_mismatches": ds.sync.stats.digest_mismatches,
                 "syncs": dict(ds.sync.stats.syncs),
                 "errors": ds.sync.stats.failures,
                 "last_error": ds.sync.stats.last_error,

@@ -14,6 +14,7 @@ Example ``sidecar.toml``::
     map_size_mb = 1024                         # grows on demand
     max_readers = 1024
     log_format = "json"
+    hints = true                               # false: rely on the safety poll
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
 (``SIDECAR_ORIGIN``, ``SIDECAR_DATASETS=a,b``, ``SIDECAR_TOKEN``, ...), which is
@@ -53,6 +54,7 @@ class SidecarConfig:
     file_mode: int = 0o640
     log_format: str = "json"
     durable: bool = True
+    hints: bool = True
     ca_file: Path | None = None
 
     def validate(self) -> SidecarConfig:
@@ -142,7 +144,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 changes[key] = _float(key, value)
             case "map_size_mb" | "max_map_size_mb" | "max_readers" | "file_mode":
                 changes[key] = _int(key, value)
-            case "durable":
+            case "durable" | "hints":
                 changes[key] = _bool(key, value)
     return replace(cfg, **changes)
 

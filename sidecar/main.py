@@ -35,6 +35,7 @@ def settings_of(config: SidecarConfig) -> AgentSettings:
         request_timeout=config.request_timeout,
         ack_interval=config.ack_interval,
         max_staleness=config.max_staleness,
+        hints=config.hints,
     )
 
 

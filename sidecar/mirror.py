@@ -265,6 +265,7 @@ class Mirror:
                 if len(self._datasets) >= MAX_DATASETS:
                     raise StorageError(f"the mirror holds at most {MAX_DATASETS} datasets")
                 live = self._open_gen(name, 1, Geometry(), build=False)
+                self._open_gen(name, 2, Geometry(), build=False)  # both slots exist for readers
                 ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)
                 with self._env.begin(write=True) as txn:
                     self._put_ds(txn, ds, 1, None, meta=None, synced_at=None)

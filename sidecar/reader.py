@@ -121,6 +121,11 @@ def codec_from_definition(definition: bytes) -> DatasetCodec:
     )
 
 
+class _HandlesMissingError(Exception):
+    """A dataset's database handles are not open yet: LMDB only lets a
+    transaction use handles opened before it began."""
+
+
 class Snapshot:
     """Reads inside one read transaction (see :meth:`Reader.snapshot`)."""
 
@@ -132,7 +137,20 @@ class Snapshot:
     def _dataset(self, name: str) -> _Dataset:
         ds = self._seen.get(name)
         if ds is None:
-            ds = self._seen[name] = self._reader._resolve(self._txn, name)
+            try:
+                ds = self._reader._resolve(self._txn, name)
+            except _HandlesMissingError:
+                # a dataset new to this reader: open its handles and, if this
+                # snapshot has read nothing yet, begin again so it can see them
+                self._reader._open_handles(name)
+                if self._seen:
+                    raise UnknownDatasetError(
+                        f"dataset {name!r} appeared after this snapshot began; take a new one"
+                    ) from None
+                self._txn.abort()
+                self._txn = self._reader._begin()
+                ds = self._reader._resolve(self._txn, name)
+            self._seen[name] = ds
         return ds
 
     def version(self, dataset: str) -> Cursor | None:
@@ -221,6 +239,8 @@ class Reader:
         self._cache: dict[str, _Dataset] = {}
         self._codecs: dict[str, tuple[bytes, DatasetCodec]] = {}
         self._dbs: dict[bytes, Any] = {}
+        for name in self.datasets():
+            self._open_handles(name)
 
     @classmethod
     def over(cls, mirror: Any, **options: Any) -> Reader:
@@ -248,10 +268,23 @@ class Reader:
             # database handles opened before, so open them again
             self._env.set_mapsize(0)
             self.resizes += 1
+            names = {k.decode().split("/")[1] for k in self._dbs}
             self._dbs.clear()
             self._cache.clear()
             self._meta = self._env.open_db(b"meta", create=False)
+            for name in names:
+                self._open_handles(name)
             return self._env.begin()
+
+    def _open_handles(self, name: str) -> None:
+        """Open both generation slots of ``name`` (outside any transaction)."""
+        for slot in (0, 1):
+            dbname = f"d/{name}/{slot}".encode()
+            if dbname not in self._dbs:
+                try:
+                    self._dbs[dbname] = self._env.open_db(dbname, create=False)
+                except lmdb.NotFoundError:
+                    raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
 
     def _resolve(self, txn: Any, name: str) -> _Dataset:
         raw = txn.get(b"ds/" + name.encode(), db=self._meta)
@@ -273,10 +306,9 @@ class Reader:
             else:
                 codec = codec_from_definition(definition)
                 self._codecs[name] = (definition, codec)
-        dbname = f"d/{name}/{gen % 2}".encode()
-        db = self._dbs.get(dbname)
+        db = self._dbs.get(f"d/{name}/{gen % 2}".encode())
         if db is None:
-            db = self._dbs[dbname] = self._env.open_db(dbname, create=False)
+            raise _HandlesMissingError(name)
         ds = _Dataset(raw, gen, cursor, doc.get("synced_at"), codec, db)
         self._cache[name] = ds
         return ds
