@@ -102,8 +102,10 @@ from replicad.schema import (
     coerce_value,
 )
 
-MAX_KEY_BYTES = 511
-"""LMDB's key size limit; longer keys are rejected by :func:`check_key`."""
+MAX_KEY_BYTES = 507
+"""The longest key accepted (:func:`check_key`): LMDB's limit of 511 bytes,
+less the 4-byte Merkle leaf prefix the origin's records and every Merkle leaf
+index put before a key."""
 
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
 """Default bound of an uncompressed value payload (1 MiB)."""

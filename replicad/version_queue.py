@@ -516,6 +516,22 @@ class VersionQueue:
             added = [e for e in added if e.version > floor]
         return QueueDelta(tuple(removed), tuple(added), self._floor)
 
+    def advance(self, version: int, keys: Iterable[bytes]) -> QueueDelta:
+        """:meth:`push` for a change that spans versions ``(self.version,
+        version]`` at once -- a relay applying one diff that brought it
+        several origin versions ahead. ``keys`` must cover every key changed
+        in that span. Raises :class:`VersionOrderError` unless ``version >
+        self.version``; the queue is unchanged after any error."""
+        if type(version) is not int or version <= self._version:
+            raise VersionOrderError(f"advanced to {version!r}, not after {self._version}")
+        saved = self._version
+        self._version = version - 1
+        try:
+            return self.push(version, keys)
+        except BaseException:
+            self._version = saved
+            raise
+
     def _truncate(self, max_keys: int) -> list[int]:
         """Drop the oldest entries until the key total is within ``max_keys``;
         return the dropped versions."""

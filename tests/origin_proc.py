@@ -1,0 +1,183 @@
+"""Start a real origin server process for tests (``python -m replicad.server``).
+
+Usage::
+
+    with OriginProcess(tmp_path, write_tokens=["w"], read_tokens=["r"]) as origin:
+        httpx.get(origin.base_url + "/healthz")
+        origin.kill9()      # SIGKILL, no clean shutdown
+        origin.restart()    # same data directory, a new port
+
+The process listens on 127.0.0.1 on a free port (picked by binding a socket to
+port 0), keeps its data, config and log under the given directory, and gets
+its tokens through the environment (never on the command line). ``start``
+waits until ``/healthz`` answers; ``stop`` sends SIGTERM and, after a timeout,
+SIGKILL. Leaving the ``with`` block stops the process and removes its files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class OriginProcess:
+    """One origin server process; see the module docstring."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        write_tokens: Iterable[str] = (),
+        read_tokens: Iterable[str] = (),
+        max_body_mb: int = 1,
+        durable: bool = True,
+        ping_interval: float | None = None,
+        start_timeout: float = 15.0,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.data = self.workdir / "data"
+        self.log_path = self.workdir / "origin.log"
+        self.config_path = self.workdir / "replicad.toml"
+        self.write_tokens = list(write_tokens)
+        self.read_tokens = list(read_tokens)
+        self.max_body_mb = max_body_mb
+        self.durable = durable
+        self.ping_interval = ping_interval
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> OriginProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n")
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the process (if running) and remove the working directory."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the server on a new free port and wait until /healthz answers.
+        Raises RuntimeError (with the log's tail) if it exits or times out."""
+        if self.proc is not None:
+            raise RuntimeError("already running")
+        self.port = free_port()
+        env = dict(os.environ)
+        env["REPLICAD_WRITE_TOKENS"] = ",".join(self.write_tokens)
+        env["REPLICAD_READ_TOKENS"] = ",".join(self.read_tokens)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [
+            sys.executable,
+            "-m",
+            "replicad.server",
+            "--config",
+            str(self.config_path),
+            "--data",
+            str(self.data),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+        ]
+        if not self.durable:
+            cmd.append("--no-durable")
+        if self.ping_interval is not None:
+            cmd += ["--ping-interval", str(self.ping_interval)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=str(self.workdir),
+                env=env,
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise RuntimeError(f"origin exited with {code} at start:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"origin did not answer in time:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds. Returns the exit
+        code (None if it was not running)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill9(self) -> None:
+        """SIGKILL: the process dies without any shutdown work."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        """Stop (gracefully, if still running) and start again on the same data."""
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
