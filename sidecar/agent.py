@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -95,6 +95,8 @@ class DatasetSync:
         )
         self._wake = trio.Event()
         self.bytes_pulled = 0
+        self.on_applied: Callable[[str], None] | None = None
+        """Called (in trio) after a batch that changed what readers see."""
 
     def hint(self, hint: Hint) -> None:
         self.sync.hint(hint, trio.current_time())
@@ -133,6 +135,8 @@ class DatasetSync:
         if not ok:
             log.warning("digest mismatch; repairing", extra={"dataset": self.name})
         self.sync.applied(ok, trio.current_time())
+        if ok and batch.cursor is not None and self.on_applied is not None:
+            self.on_applied(self.name)
 
     async def _send(self, action: Send) -> None:
         req = action.request

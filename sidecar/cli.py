@@ -36,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "durable": False if args.no_durable else None,
         "hints": False if args.no_hints else None,
+        "serve_sync": args.serve_sync,
     }
     cfg = sidecar_config.load(args.config, overrides)
     setup_logging(cfg.log_format)
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-format", choices=["json", "text"])
     run.add_argument("--no-durable", action="store_true", help="no fsync (tests only)")
     run.add_argument("--no-hints", action="store_true", help="do not follow hints; poll only")
+    run.add_argument(
+        "--serve-sync", help="relay mode: serve the sync API from the mirror at this address"
+    )
     status = sub.add_parser("status", help="ask a running sidecar how it is doing")
     status.add_argument("--health", default="http://127.0.0.1:7071", help="its health URL")
     args = parser.parse_args(argv)

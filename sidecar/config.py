@@ -15,6 +15,8 @@ Example ``sidecar.toml``::
     max_readers = 1024
     log_format = "json"
     hints = true                               # false: rely on the safety poll
+    serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
+    relay_read_tokens = ["..."]                # tokens sidecars below must send
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
 (``SIDECAR_ORIGIN``, ``SIDECAR_DATASETS=a,b``, ``SIDECAR_TOKEN``, ...), which is
@@ -56,6 +58,8 @@ class SidecarConfig:
     durable: bool = True
     hints: bool = True
     ca_file: Path | None = None
+    serve_sync: Listen | None = None
+    relay_read_tokens: frozenset[str] = frozenset()
 
     def validate(self) -> SidecarConfig:
         if not self.datasets:
@@ -138,8 +142,11 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                     changes["token"] = Path(str(value)).read_text(encoding="utf-8").strip() or None
                 except OSError as exc:
                     raise ConfigError(f"cannot read token file {value}: {exc.strerror}") from exc
-            case "health":
+            case "health" | "serve_sync":
                 changes[key] = Listen.parse(str(value)) if str(value) else None
+            case "relay_read_tokens":
+                items = value.split(",") if isinstance(value, str) else list(value)
+                changes[key] = frozenset(str(v).strip() for v in items if str(v).strip())
             case "poll_interval" | "max_staleness" | "ack_interval" | "request_timeout":
                 changes[key] = _float(key, value)
             case "map_size_mb" | "max_map_size_mb" | "max_readers" | "file_mode":

@@ -18,11 +18,13 @@ import hypercorn.trio
 import trio
 
 from replicad.client import AsyncSyncClient
+from replicad.http_app import OriginApp
 from replicad.replica import SyncConfig
 from sidecar.agent import Agent, AgentSettings, SyncTransport
 from sidecar.config import SidecarConfig
 from sidecar.health import HealthApp
 from sidecar.mirror import Mirror
+from sidecar.relay import RelayService
 
 log = logging.getLogger("sidecar")
 
@@ -65,9 +67,22 @@ async def serve(
             stack.push_async_callback(client.aclose)
             transport = client
         agent = Agent(mirror, transport, settings_of(config))
+        relay = None
+        if config.serve_sync is not None:
+            relay = RelayService(mirror, registry=agent.registry)
+            for ds in agent.datasets.values():
+                ds.on_applied = relay.publish
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
             binds: list[str] = []
+            if relay is not None and config.serve_sync is not None:
+                app = OriginApp(relay, read_tokens=config.relay_read_tokens)
+                rconfig = hypercorn.config.Config()
+                rconfig.bind = [config.serve_sync.bind()]
+                rconfig.accesslog = None
+                rconfig.errorlog = None
+                relay_binds = await nursery.start(hypercorn.trio.serve, app, rconfig)
+                log.info("relay serving the sync API", extra={"binds": relay_binds})
             if config.health is not None:
                 hconfig = hypercorn.config.Config()
                 hconfig.bind = [config.health.bind()]

@@ -48,9 +48,10 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,94 @@ import lmdb
 import msgpack
 from xxhash import xxh3_64_intdigest
 
-from replicad.errors import CorruptStateError, MapFullError, StorageError
+from replicad.errors import (
+    CorruptStateError,
+    HistoryTruncatedError,
+    MapFullError,
+    MerkleError,
+    StorageError,
+    UnknownDatasetError,
+)
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
 
 _LEAF = struct.Struct(">I")
 MAX_DATASETS = 500
+
+
+class MirrorView:
+    """One dataset of the mirror at one version (a
+    :class:`replicad.responder.DatasetView`), for relays. Version history
+    (``keys_since``) comes from the relay's queue, given as ``queue``."""
+
+    def __init__(self, mirror: Mirror, ds: _DatasetState, txn: Any) -> None:
+        self._mirror = mirror
+        self._ds = ds
+        self._txn = txn
+        self._gen = ds.live
+        self.cursor_or_none = ds.cursor
+        self._digest = ds.live.tree.digest
+        self._meta = MetaBlob(ds.meta_revision, ds.definition or b"")
+        self.queue: Any = None
+
+    @property
+    def name(self) -> str:
+        return self._ds.name
+
+    @property
+    def cursor(self) -> Cursor:
+        if self.cursor_or_none is None:
+            raise UnknownDatasetError(f"the relay has not synced {self._ds.name!r} yet")
+        return self.cursor_or_none
+
+    @property
+    def digest(self) -> Digest:
+        return self._digest
+
+    @property
+    def meta(self) -> MetaBlob:
+        return self._meta
+
+    @property
+    def tree(self) -> MerkleTree:
+        return self._gen.tree
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._txn.get(key, db=self._gen.records)
+        return None if value is None else bytes(value)
+
+    def keys_since(self, since: Cursor) -> Collection[bytes]:
+        if self.queue is None:
+            raise HistoryTruncatedError("this relay keeps no history")
+        keys: Collection[bytes] = self.queue.keys_since(since.epoch, since.version)
+        return keys
+
+    def leaf_entries(self, leaf: int) -> LeafEntries:
+        if not 0 <= leaf < self._gen.tree.geometry.leaves:
+            raise MerkleError(f"leaf {leaf} outside the tree")
+        prefix = _LEAF.pack(leaf)
+        out: LeafEntries = []
+        cur = self._txn.cursor(db=self._gen.leaves)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:4] != prefix:
+                    break
+                out.append((bytes(k[4:]), int.from_bytes(v, "big")))
+        return out
+
+    def scan(
+        self, after: bytes | None, limit: int
+    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        cur = self._txn.cursor(db=self._gen.records)
+        found = cur.first() if after is None else cur.set_range(after)
+        if found and after is not None and cur.key() == after:
+            found = cur.next()
+        if not found:
+            return [], None
+        rows = [(bytes(k), bytes(v)) for k, v in islice(cur.iternext(), limit)]
+        more = cur.next() if len(rows) == limit else False
+        return rows, (rows[-1][0] if more else None)
 
 
 def _db_name(kind: str, name: str, gen: int) -> bytes:
@@ -171,6 +253,10 @@ class Mirror:
         self._readers = 0
         self._datasets: dict[str, _DatasetState] = {}
         self._closed = False
+        self.on_commit: Callable[[str, Apply], None] | None = None
+        """Called after each committed Apply, under the state lock (so a view
+        opened afterwards sees the hook's effects): a relay keeps its
+        version queue with it. It must be quick and must not raise."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
@@ -311,6 +397,30 @@ class Mirror:
                 self._readers -= 1
                 self._state_lock.notify_all()
 
+    @contextmanager
+    def view(self, name: str) -> Iterator[MirrorView]:
+        """A consistent view of one dataset for serving sync requests (a
+        relay): its read transaction, cursor, digest and definition are
+        captured together, under the lock commits take."""
+        with self._state_lock:
+            ds = self._state(name)
+            self._readers += 1
+            txn = self._env.begin()
+            view = MirrorView(self, ds, txn)
+        try:
+            yield view
+        finally:
+            txn.abort()
+            with self._state_lock:
+                self._readers -= 1
+                self._state_lock.notify_all()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state lock (no commit changes a tree meanwhile)."""
+        with self._state_lock:
+            yield
+
     def get(self, name: str, key: bytes) -> bytes | None:
         ds = self._state(name)
         with self.read() as txn:
@@ -425,6 +535,8 @@ class Mirror:
                 ds.cursor, ds.synced_at, ds.progress, ds.staged_meta = batch.cursor, now, None, None
             else:
                 ds.staging, ds.progress, ds.staged_meta = target, batch.progress, staged_meta
+            if self.on_commit is not None:
+                self.on_commit(name, batch)
         return True
 
     def _fresh_gen(self, txn: Any, name: str, gen: int, geometry: Geometry) -> _Gen:

@@ -1,0 +1,292 @@
+"""Relay mode: a sidecar serving the origin's sync API from its mirror, so
+sidecars can chain into a fan-out tree (origin -> relays -> sidecars).
+
+Theory of operation
+-------------------
+:class:`RelayService` implements the read side of the origin service
+(``OriginServiceLike`` of :mod:`replicad.http_app`), so the origin's own HTTP
+app serves it: ``/v1/sync`` (diff, snapshot, Merkle), ``/v1/hints``,
+``/v1/ack``, ``/v1/fleet``, ``/v1/datasets``, record reads. Writes are refused
+(403): a relay is read-only; writers talk to the origin.
+
+Cursors pass through unchanged: the relay's mirror is at origin cursor
+``(epoch, version)``, and so are the replicas below it. Diffs need history,
+which the relay keeps as a version queue per dataset, in memory: every
+diff the relay applies advances it (one entry for the versions that diff
+covered). A snapshot or Merkle sync at the relay, or a relay restart,
+starts the queue afresh at the relay's cursor; a replica below with an older
+cursor then gets ``CursorUnservable`` and repairs with Merkle against the
+relay, shipping only differences. The queue is maintained in the mirror's
+commit hook, under the same lock as the commit, so every view a request
+opens sees a queue that matches its records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import msgpack
+import trio
+
+from replicad.codec import DatasetCodec
+from replicad.errors import AuthError, ProtocolError, UnknownDatasetError
+from replicad.merkle import Geometry
+from replicad.messages import (
+    Cursor,
+    Hint,
+    MerkleNodesRequest,
+    Request,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
+from replicad.metrics import Registry
+from replicad.origin_types import DatasetInfo, DatasetSpec, FleetEntry, WriteBatch, WriteResult
+from replicad.replica import Apply, SyncKind, Target
+from replicad.responder import ResponderConfig, respond, snapshot_chunk
+from replicad.schema import Schema
+from replicad.version_queue import VersionQueue
+from sidecar.mirror import Mirror
+from sidecar.reader import codec_from_definition
+
+READ_ONLY = "this is a relay: it is read-only; write to the origin"
+
+
+class _Subscriber:
+    def __init__(self, names: frozenset[str] | None) -> None:
+        self.names = names
+        self.pending: dict[str, Hint] = {}
+        self.wakeup = trio.Event()
+
+    def offer(self, hint: Hint) -> None:
+        if self.names is None or hint.dataset in self.names:
+            self.pending[hint.dataset] = hint
+            self.wakeup.set()
+
+    def __aiter__(self) -> _Subscriber:
+        return self
+
+    async def __anext__(self) -> Hint:
+        while not self.pending:
+            await self.wakeup.wait()
+            self.wakeup = trio.Event()
+        return self.pending.pop(min(self.pending))
+
+
+class RelayService:
+    """The read side of the origin service, over a sidecar's mirror."""
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        *,
+        registry: Registry | None = None,
+        responder: ResponderConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = 1024,
+    ) -> None:
+        self.mirror = mirror
+        self.registry = registry or Registry()
+        self.responder = responder or ResponderConfig()
+        self.clock = clock
+        self.max_entries = max_entries
+        self._queues: dict[str, VersionQueue] = {}
+        self._subscribers: set[_Subscriber] = set()
+        self._fleet: dict[str, FleetEntry] = {}
+        self._codecs: dict[str, tuple[bytes, DatasetCodec]] = {}
+        self._m_sync = self.registry.counter(
+            "relay_sync_requests_total", "Sync requests served by kind.", ["kind"]
+        )
+        with mirror.locked():
+            for name in mirror.names():
+                self._reset_queue(name)
+        mirror.on_commit = self._on_commit
+
+    # --- history (called under the mirror's state lock)
+
+    def _reset_queue(self, name: str) -> None:
+        cursor = self.mirror.cursor(name)
+        if cursor is None:
+            self._queues.pop(name, None)
+        else:
+            self._queues[name] = VersionQueue(
+                cursor.epoch, floor=cursor.version, max_entries=self.max_entries
+            )
+
+    def _on_commit(self, name: str, batch: Apply) -> None:
+        if batch.cursor is None:  # a staged snapshot chunk: nothing visible yet
+            return
+        queue = self._queues.get(name)
+        simple = batch.kind is SyncKind.DIFF and batch.target is Target.LIVE
+        if (
+            simple
+            and queue is not None
+            and queue.epoch == batch.cursor.epoch
+            and batch.cursor.version >= queue.version
+        ):
+            if batch.cursor.version > queue.version:
+                keys = [k for k, _ in batch.upserts]
+                keys.extend(batch.deletes)
+                queue = queue.copy()
+                queue.advance(batch.cursor.version, keys)
+                self._queues[name] = queue
+            return
+        self._reset_queue(name)
+
+    def publish(self, name: str) -> None:
+        """Announce the mirror's current cursor of ``name`` to subscribers
+        (the agent calls it after each applied batch)."""
+        cursor = self.mirror.cursor(name)
+        if cursor is None:
+            return
+        hint = Hint(name, cursor, self.mirror.digest(name))
+        for sub in self._subscribers:
+            sub.offer(hint)
+
+    # --- datasets
+
+    def _known(self, name: str) -> None:
+        if name not in self.mirror.names() or self.mirror.cursor(name) is None:
+            raise UnknownDatasetError(f"the relay holds no synced dataset {name!r}")
+
+    def codec(self, name: str) -> DatasetCodec:
+        self._known(name)
+        definition = self.mirror.definition(name) or b""
+        known = self._codecs.get(name)
+        if known is None or known[0] != definition:
+            known = self._codecs[name] = (definition, codec_from_definition(definition))
+        return known[1]
+
+    def dataset(self, name: str) -> DatasetInfo:
+        self._known(name)
+        with self.mirror.locked():
+            cursor = self.mirror.cursor(name)
+            digest = self.mirror.digest(name)
+            definition = self.mirror.definition(name) or b""
+            revision = self.mirror.state(name).meta_revision
+            queue = self._queues.get(name)
+        assert cursor is not None
+        doc = msgpack.unpackb(definition, raw=False) if definition else {}
+        schemas = [Schema.from_json(s) for s in doc.get("schemas", [])]
+        return DatasetInfo(
+            name=name,
+            schema=schemas[-1] if schemas else None,
+            schema_versions=len(schemas),
+            cursor=cursor,
+            digest=digest,
+            meta_revision=revision,
+            queue_floor=cursor.version if queue is None else queue.floor,
+            queue_entries=0 if queue is None else len(queue.entries),
+            geometry=Geometry.from_json(doc["geometry"]) if doc else Geometry(),
+            policy="relay",
+            max_entries=self.max_entries,
+            max_value_bytes=int(doc.get("max_value_bytes", 1 << 20)),
+        )
+
+    def datasets(self) -> list[DatasetInfo]:
+        return [self.dataset(n) for n in self.mirror.names() if self.mirror.cursor(n) is not None]
+
+    async def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
+        raise AuthError(READ_ONLY, status=403)
+
+    async def evolve_schema(self, name: str, schema: Schema) -> DatasetInfo:
+        raise AuthError(READ_ONLY, status=403)
+
+    async def reset_history(self, name: str) -> DatasetInfo:
+        raise AuthError(READ_ONLY, status=403)
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        raise AuthError(READ_ONLY, status=403)
+
+    # --- reads and sync
+
+    async def get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]:
+        self._known(name)
+        return await trio.to_thread.run_sync(self._get, name, key)
+
+    def _get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]:
+        with self.mirror.view(name) as view:
+            return view.get(key), view.cursor
+
+    async def sync(self, request: Request) -> Response:
+        self._m_sync.inc(1, type(request).__name__)
+        self._known(request.dataset)
+        return await trio.to_thread.run_sync(self._answer, request)
+
+    def _answer(self, request: Request) -> Response:
+        with self.mirror.view(request.dataset) as view:
+            view.queue = self._queues.get(request.dataset)
+            if isinstance(request, MerkleNodesRequest):
+                with self.mirror.locked():
+                    return respond(view, request, self.responder)
+            return respond(view, request, self.responder)
+
+    async def snapshot_stream(
+        self, request: SnapshotRequest
+    ) -> AsyncGenerator[SnapshotChunk, None]:
+        self._m_sync.inc(1, "SnapshotStream")
+        self._known(request.dataset)
+        limit = min(request.limit, self.responder.max_snapshot_chunk)
+        views = self.mirror.view(request.dataset)
+        view = await trio.to_thread.run_sync(views.__enter__)
+        try:
+            after = request.after
+            while True:
+                chunk = await trio.to_thread.run_sync(snapshot_chunk, view, after, limit)
+                yield chunk
+                if chunk.next_after is None:
+                    return
+                after = chunk.next_after
+        finally:
+            views.__exit__(None, None, None)
+
+    # --- hints
+
+    def subscribe(
+        self, datasets: Collection[str] | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Hint]]:
+        names = None if datasets is None else frozenset(datasets)
+        for name in names or ():
+            self._known(name)
+        return self._subscription(names)
+
+    @asynccontextmanager
+    async def _subscription(
+        self, names: frozenset[str] | None
+    ) -> AsyncGenerator[AsyncIterator[Hint], None]:
+        sub = _Subscriber(names)
+        for name in self.mirror.names():
+            cursor = self.mirror.cursor(name)
+            if cursor is not None:
+                sub.offer(Hint(name, cursor, self.mirror.digest(name)))
+        self._subscribers.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subscribers.discard(sub)
+
+    # --- fleet (the replicas below this relay)
+
+    def ack(
+        self, replica: str, address: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any]
+    ) -> None:
+        if not replica or len(replica) > 256:
+            raise ProtocolError("replica id must be 1-256 characters")
+        if len(self._fleet) >= 100_000 and replica not in self._fleet:
+            oldest = min(self._fleet.values(), key=lambda e: e.last_seen)
+            del self._fleet[oldest.replica]
+        self._fleet[replica] = FleetEntry(
+            replica, self.clock(), address, dict(datasets), dict(info)
+        )
+
+    def fleet(self) -> list[FleetEntry]:
+        return sorted(self._fleet.values(), key=lambda e: e.replica)
+
+    def lag(self, cursor: Cursor, name: str) -> int | None:
+        current = self.mirror.cursor(name) if name in self.mirror.names() else None
+        if current is None or current.epoch != cursor.epoch:
+            return None
+        return max(0, current.version - cursor.version)
