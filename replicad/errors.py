@@ -63,11 +63,11 @@ class MissingFieldError(RecordError):
 
 
 class InvalidKeyError(CodecError):
-    """A key is not acceptable: empty, not bytes, or longer than 511 bytes."""
+    """A key is not acceptable: empty, not bytes, or longer than 507 bytes."""
 
 
 class KeyTooLongError(InvalidKeyError):
-    """A key is longer than LMDB's limit of 511 bytes."""
+    """A key is longer than 507 bytes (LMDB's 511, less the Merkle leaf prefix)."""
 
 
 class ValueTooLargeError(CodecError):
@@ -203,3 +203,12 @@ class AuthError(ReplicadError):
     def __init__(self, message: str, status: int = 401) -> None:
         super().__init__(message)
         self.status = status
+
+
+class OriginUnavailableError(ReplicadError):
+    """The origin could not be reached or did not answer: connection refused or
+    reset, DNS failure, timeout, TLS failure, a connection closed mid-answer,
+    or an HTTP 5xx other than 507 (translated from httpx errors by
+    :mod:`replicad.client`). A write that failed this way may or may not have
+    been committed (check the dataset's version before retrying a non-idempotent
+    batch); sync pulls are idempotent and may simply be retried."""

@@ -98,12 +98,15 @@ class OriginProcess:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Start the server on a new free port and wait until /healthz answers.
-        Raises RuntimeError (with the log's tail) if it exits or times out."""
+    def start(self, *, same_port: bool = False) -> None:
+        """Start the server on a new free port (or, with ``same_port``, the
+        one it had, so clients keep their URL) and wait until /healthz
+        answers. Raises RuntimeError (with the log's tail) if it exits or
+        times out."""
         if self.proc is not None:
             raise RuntimeError("already running")
-        self.port = free_port()
+        if not (same_port and self.port):
+            self.port = free_port()
         env = dict(os.environ)
         env["REPLICAD_WRITE_TOKENS"] = ",".join(self.write_tokens)
         env["REPLICAD_READ_TOKENS"] = ",".join(self.read_tokens)
