@@ -129,6 +129,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "map_size_mb": args.map_size_mb,
+        "max_body_mb": args.max_body_mb,
+        "log_format": args.log_format,
         "durable": False if args.no_durable else None,
     }
     cfg = config.load(args.config, overrides)
@@ -409,6 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="F", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", metavar="F", help="TLS private key (PEM)")
     serve.add_argument("--map-size-mb", type=_positive, metavar="N", help="initial LMDB map")
+    serve.add_argument("--max-body-mb", type=_positive, metavar="N", help="request body limit")
+    serve.add_argument("--log-format", choices=["json", "text"], help="log lines (json)")
     serve.add_argument(
         "--no-durable", action="store_true", help="skip fsync on commit (tests only)"
     )

@@ -209,15 +209,30 @@ def _empty(field: Field, record: dict[str, Any]) -> None:
         raise FieldTypeError(f"field {field.name!r} is required but the cell is empty")
 
 
+_EXACT: dict[FieldType, type] = {
+    FieldType.INT: int,
+    FieldType.FLOAT: float,
+    FieldType.FLOAT32: float,
+    FieldType.STR: str,
+    FieldType.BOOL: bool,
+    FieldType.BYTES: bytes,
+}
+
+
 def _finish(schema: Schema, record: dict[str, Any]) -> dict[str, Any]:
     """Check and normalize a JSON-lines record in place: nulls only where
-    nullable, values coerced to their field types, required fields present."""
+    nullable, values coerced to their field types, required fields present.
+    A scalar already of its field's exact Python type skips the coercion
+    (the origin still range-checks it); anything else is coerced here, so
+    errors can name the file and line."""
     for field in schema.fields:
         if field.name in record:
             value = record[field.name]
             if value is None:
                 if not field.nullable:
                     raise FieldTypeError(f"field {field.name!r} is not nullable, got null")
+                continue
+            if not field.is_list and value.__class__ is _EXACT[field.type]:
                 continue
             record[field.name] = coerce_value(field, value)
         elif field.required:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the system. Today that is the sync-core
-# walk-through (`replicad demo`); the origin + sidecar take its place as they
-# land.
+# Set up .venv (if needed) and run the system on this machine: a real origin
+# (replicad serve) and a real sidecar (sidecar run), seed-like user profiles
+# loaded, zero-copy reads shown, a write followed. Options are passed on:
+# --records N, --keep (leave both running until Ctrl-C), --dir DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,4 +12,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
-exec .venv/bin/replicad demo "$@"
+exec .venv/bin/python -m sidecar.quickstart "$@"
