@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ import trio
 from replicad.errors import ReplicadError, StorageError
 from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
 from replicad.metrics import Registry
-from replicad.replica import Apply, ReplicaSync, Send, SyncConfig, Wait
+from replicad.progress import Progress
+from replicad.replica import Apply, ReplicaSync, Send, SyncConfig, Target, Wait
 from sidecar.mirror import DatasetHandle, Mirror
 
 log = logging.getLogger("sidecar.agent")
@@ -69,6 +71,40 @@ class AgentSettings:
     """Follow the origin's hint stream (off: the safety poll alone)."""
 
 
+class BootstrapProgress:
+    """Reports a snapshot load: a progress bar when stderr is a terminal,
+    otherwise a log line every ``interval`` seconds."""
+
+    def __init__(self, name: str, *, interval: float = 5.0) -> None:
+        self.name = name
+        self.total: int | None = None
+        self.interval = interval
+        self._count = 0
+        self._bar: Progress | None = None
+        self._last = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def staged(self, n: int, *, reset: bool, done: bool) -> None:
+        if reset:
+            self._count = 0
+            self._last = time.monotonic()
+            if self._tty:
+                self._bar = Progress(self.total, label=f"bootstrap {self.name}", unit="records")
+        self._count += n
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.update(self._count)
+        elif time.monotonic() - self._last >= self.interval or done:
+            self._last = time.monotonic()
+            log.info(
+                "bootstrap progress",
+                extra={"dataset": self.name, "staged": self._count, "total": self.total},
+            )
+        if done and self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class DatasetSync:
     """Drives one dataset's :class:`ReplicaSync` against the transport."""
 
@@ -94,6 +130,7 @@ class DatasetSync:
             config=settings.sync,
         )
         self._wake = trio.Event()
+        self._bootstrap = BootstrapProgress(handle.name)
         self.bytes_pulled = 0
         self.on_applied: Callable[[str], None] | None = None
         """Called (in trio) after a batch that changed what readers see."""
@@ -131,6 +168,10 @@ class DatasetSync:
             self.sync.apply_failed(str(exc), trio.current_time())
             return
         self.metrics.apply_seconds.observe(time.perf_counter() - start, self.name)
+        if batch.target is Target.STAGING and ok:
+            self._bootstrap.staged(
+                len(batch.upserts), reset=batch.reset_staging, done=batch.promote
+            )
         self.bytes_pulled += sum(len(k) + len(v) for k, v in batch.upserts)
         if not ok:
             log.warning("digest mismatch; repairing", extra={"dataset": self.name})
@@ -147,6 +188,8 @@ class DatasetSync:
                     follow = await self._stream(req)
                 else:
                     resp = await self.transport.request(req)
+                    if isinstance(resp, SnapshotChunk):
+                        self._bootstrap.total = resp.digest.count
                     self.sync.response(resp, trio.current_time())
         except (ReplicadError, trio.TooSlowError, OSError) as exc:
             reason = f"{type(req).__name__}: {exc or type(exc).__name__}"
@@ -161,6 +204,7 @@ class DatasetSync:
         is closed."""
         async with _closing(self.transport.snapshot_stream(req)) as chunks:
             async for chunk in chunks:
+                self._bootstrap.total = chunk.digest.count
                 self.sync.response(chunk, trio.current_time())
                 follow = self.sync.next_action(trio.current_time())
                 if isinstance(follow, Apply):

@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         "serve_sync": args.serve_sync,
     }
     cfg = sidecar_config.load(args.config, overrides)
-    setup_logging(cfg.log_format)
+    setup_logging(cfg.log_format, stream=sys.stdout)  # containers collect stdout
     run(cfg)
     return 0
 

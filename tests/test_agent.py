@@ -172,7 +172,8 @@ async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
         await nursery.start(agent.run)
         await wait_until(lambda: mirror.cursor("up") == store.info("up").cursor, timeout=5)
         ds = agent.datasets["up"].sync
-        assert ds.stats.syncs == {"merkle": 1}
+        # one Merkle repair, no reload (later safety polls may add empty diffs)
+        assert ds.stats.syncs["merkle"] == 1 and "snapshot" not in ds.stats.syncs
         assert ds.stats.records_applied == 1
         assert mirror.items("up") == records(store)
         nursery.cancel_scope.cancel()
