@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from replicad.codec import DatasetCodec
-from replicad.errors import ProtocolError, ReplicadError
+from replicad.errors import ReplicadError
+from replicad.hub import Fleet, HintHub
 from replicad.messages import (
     Cursor,
     DiffRequest,
@@ -58,30 +59,6 @@ class _Pending:
     result: WriteResult | ReplicadError | None = None
 
 
-class _Subscriber:
-    def __init__(self, names: frozenset[str] | None) -> None:
-        self.names = names
-        self.pending: dict[str, Hint] = {}
-        self.wakeup = trio.Event()
-
-    def offer(self, hint: Hint) -> None:
-        if self.names is None or hint.dataset in self.names:
-            self.pending[hint.dataset] = hint
-            self.wakeup.set()
-
-    def __aiter__(self) -> _Subscriber:
-        return self
-
-    async def __anext__(self) -> Hint:
-        """The next hint: the newest per dataset, datasets in name order.
-        A plain iterator (not an async generator), so abandoning it needs no
-        cleanup."""
-        while not self.pending:
-            await self.wakeup.wait()
-            self.wakeup = trio.Event()
-        return self.pending.pop(min(self.pending))
-
-
 class OriginService:
     """Owns the store while running. Start :meth:`run` in a nursery with
     ``await nursery.start(service.run)``; call :meth:`close` after it ends."""
@@ -100,8 +77,8 @@ class OriginService:
         self.responder = responder or ResponderConfig()
         self.clock = clock
         self._send, self._receive = trio.open_memory_channel[_Pending](max_pending)
-        self._subscribers: set[_Subscriber] = set()
-        self._fleet: dict[str, FleetEntry] = {}
+        self._hints = HintHub()
+        self._fleet = Fleet(clock)
         self.registry = Registry()
         r = self.registry
         self._m_batches = r.counter(
@@ -118,7 +95,11 @@ class OriginService:
         self._m_commit = r.histogram("replicad_commit_seconds", "Group commit duration.")
         self._m_sync = r.counter("replicad_sync_requests_total", "Sync requests by kind.", ["kind"])
         self._m_hints = r.counter("replicad_hints_published_total", "Hints published.")
-        r.gauge("replicad_hint_subscribers", "Open hint streams.", collect=self._count_subscribers)
+        r.gauge(
+            "replicad_hint_subscribers",
+            "Open hint streams.",
+            collect=lambda: [((), len(self._hints))],
+        )
         r.gauge("replicad_dataset_version", "Current version.", ["dataset"], collect=self._versions)
         r.gauge(
             "replicad_dataset_records", "Records held.", ["dataset"], collect=self._record_counts
@@ -126,9 +107,6 @@ class OriginService:
         r.gauge(
             "replicad_fleet_replicas", "Replicas seen.", collect=lambda: [((), len(self._fleet))]
         )
-
-    def _count_subscribers(self) -> list[tuple[tuple[str, ...], float]]:
-        return [((), float(len(self._subscribers)))]
 
     def _versions(self) -> list[tuple[tuple[str, ...], float]]:
         return [((i.name,), float(i.cursor.version)) for i in self.store.infos()]
@@ -172,8 +150,7 @@ class OriginService:
 
     def _publish(self, hint: Hint) -> None:
         self._m_hints.inc()
-        for sub in self._subscribers:
-            sub.offer(hint)
+        self._hints.publish(hint)
 
     def close(self) -> None:
         """Close the store (saving the Merkle trees for a fast restart)."""
@@ -257,20 +234,9 @@ class OriginService:
         names = None if datasets is None else frozenset(datasets)
         for name in names or ():
             self.store.info(name)
-        return self._subscription(names)
-
-    @asynccontextmanager
-    async def _subscription(
-        self, names: frozenset[str] | None
-    ) -> AsyncIterator[AsyncIterator[Hint]]:
-        sub = _Subscriber(names)
-        for info in self.store.infos():
-            sub.offer(Hint(info.name, info.cursor, info.digest))
-        self._subscribers.add(sub)
-        try:
-            yield sub
-        finally:
-            self._subscribers.discard(sub)
+        return self._hints.subscribe(
+            names, lambda: [Hint(i.name, i.cursor, i.digest) for i in self.store.infos()]
+        )
 
     # ------------------------------------------------------------ fleet
 
@@ -281,17 +247,10 @@ class OriginService:
         datasets: Mapping[str, Cursor],
         info: Mapping[str, Any],
     ) -> None:
-        if not replica or len(replica) > 256:
-            raise ProtocolError("replica id must be 1-256 characters")
-        if len(self._fleet) >= 100_000 and replica not in self._fleet:
-            oldest = min(self._fleet.values(), key=lambda e: e.last_seen)
-            del self._fleet[oldest.replica]
-        self._fleet[replica] = FleetEntry(
-            replica, self.clock(), address, dict(datasets), dict(info)
-        )
+        self._fleet.ack(replica, address, datasets, info)
 
     def fleet(self) -> list[FleetEntry]:
-        return sorted(self._fleet.values(), key=lambda e: e.replica)
+        return self._fleet.entries()
 
     def lag(self, cursor: Cursor, name: str) -> int | None:
         """Origin version minus the replica's (None: other epoch or unknown)."""

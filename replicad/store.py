@@ -45,7 +45,6 @@ import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from replicad.errors import (
     StorageError,
     UnknownDatasetError,
 )
+from replicad.lmdb_scan import scan_after, with_prefix
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import (
     Cursor,
@@ -834,33 +834,14 @@ class LmdbView:
     def leaf_entries(self, leaf: int) -> LeafEntries:
         if not 0 <= leaf < self._ds.spec.geometry.leaves:
             raise MerkleError(f"leaf {leaf} outside the tree")
-        prefix = _LEAF.pack(leaf)
         cur = self._txn.cursor(db=self._ds.records_db)
-        out: LeafEntries = []
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if k[:4] != prefix:
-                    break
-                key = bytes(k[4:])
-                out.append((key, entry_hash(key, bytes(v))))
-        return out
+        return [(k, entry_hash(k, v)) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
 
     def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
         """Records in (leaf, key) order; the position token is the LMDB key
         (leaf prefix + key)."""
-        cur = self._txn.cursor(db=self._ds.records_db)
-        if after is None:
-            found = cur.first()
-        else:
-            found = cur.set_range(after)
-            if found and cur.key() == after:
-                found = cur.next()
-        if not found:
-            return [], None
-        rows = list(islice(cur.iternext(keys=True, values=True), limit))
-        more = cur.next() if len(rows) == limit else False
-        records = [(k[4:], v) for k, v in rows]
-        return records, (rows[-1][0] if more else None)
+        rows, token = scan_after(self._txn.cursor(db=self._ds.records_db), after, limit)
+        return [(k[4:], v) for k, v in rows], token
 
 
 def decode_definition(blob: MetaBlob) -> Mapping[str, Any]:

@@ -51,7 +51,6 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,7 @@ from replicad.errors import (
     StorageError,
     UnknownDatasetError,
 )
+from replicad.lmdb_scan import scan_after, with_prefix
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
@@ -125,28 +125,13 @@ class MirrorView:
     def leaf_entries(self, leaf: int) -> LeafEntries:
         if not 0 <= leaf < self._gen.tree.geometry.leaves:
             raise MerkleError(f"leaf {leaf} outside the tree")
-        prefix = _LEAF.pack(leaf)
-        out: LeafEntries = []
         cur = self._txn.cursor(db=self._gen.leaves)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if k[:4] != prefix:
-                    break
-                out.append((bytes(k[4:]), int.from_bytes(v, "big")))
-        return out
+        return [(k, int.from_bytes(v, "big")) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
 
     def scan(
         self, after: bytes | None, limit: int
     ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-        cur = self._txn.cursor(db=self._gen.records)
-        found = cur.first() if after is None else cur.set_range(after)
-        if found and after is not None and cur.key() == after:
-            found = cur.next()
-        if not found:
-            return [], None
-        rows = [(bytes(k), bytes(v)) for k, v in islice(cur.iternext(), limit)]
-        more = cur.next() if len(rows) == limit else False
-        return rows, (rows[-1][0] if more else None)
+        return scan_after(self._txn.cursor(db=self._gen.records), after, limit)
 
 
 def _db_name(kind: str, name: str, gen: int) -> bytes:
@@ -429,16 +414,9 @@ class Mirror:
 
     def leaf_entries(self, name: str, leaf: int) -> LeafEntries:
         ds = self._state(name)
-        prefix = _LEAF.pack(leaf)
-        out: LeafEntries = []
         with self.read() as txn:
             cur = txn.cursor(db=ds.live.leaves)
-            if cur.set_range(prefix):
-                for k, v in cur:
-                    if k[:4] != prefix:
-                        break
-                    out.append((bytes(k[4:]), int.from_bytes(v, "big")))
-        return out
+            return [(k, int.from_bytes(v, "big")) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
 
     def items(self, name: str) -> dict[bytes, bytes]:
         """Every live record (for tests and small datasets)."""

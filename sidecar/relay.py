@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import msgpack
 import trio
 
 from replicad.codec import DatasetCodec
-from replicad.errors import AuthError, ProtocolError, UnknownDatasetError
+from replicad.errors import AuthError, UnknownDatasetError
+from replicad.hub import Fleet, HintHub
 from replicad.merkle import Geometry
 from replicad.messages import (
     Cursor,
@@ -55,27 +56,6 @@ from sidecar.reader import codec_from_definition
 READ_ONLY = "this is a relay: it is read-only; write to the origin"
 
 
-class _Subscriber:
-    def __init__(self, names: frozenset[str] | None) -> None:
-        self.names = names
-        self.pending: dict[str, Hint] = {}
-        self.wakeup = trio.Event()
-
-    def offer(self, hint: Hint) -> None:
-        if self.names is None or hint.dataset in self.names:
-            self.pending[hint.dataset] = hint
-            self.wakeup.set()
-
-    def __aiter__(self) -> _Subscriber:
-        return self
-
-    async def __anext__(self) -> Hint:
-        while not self.pending:
-            await self.wakeup.wait()
-            self.wakeup = trio.Event()
-        return self.pending.pop(min(self.pending))
-
-
 class RelayService:
     """The read side of the origin service, over a sidecar's mirror."""
 
@@ -94,8 +74,8 @@ class RelayService:
         self.clock = clock
         self.max_entries = max_entries
         self._queues: dict[str, VersionQueue] = {}
-        self._subscribers: set[_Subscriber] = set()
-        self._fleet: dict[str, FleetEntry] = {}
+        self._hints = HintHub()
+        self._fleet = Fleet(clock)
         self._codecs: dict[str, tuple[bytes, DatasetCodec]] = {}
         self._m_sync = self.registry.counter(
             "relay_sync_requests_total", "Sync requests served by kind.", ["kind"]
@@ -142,9 +122,7 @@ class RelayService:
         cursor = self.mirror.cursor(name)
         if cursor is None:
             return
-        hint = Hint(name, cursor, self.mirror.digest(name))
-        for sub in self._subscribers:
-            sub.offer(hint)
+        self._hints.publish(Hint(name, cursor, self.mirror.digest(name)))
 
     # --- datasets
 
@@ -251,39 +229,25 @@ class RelayService:
         names = None if datasets is None else frozenset(datasets)
         for name in names or ():
             self._known(name)
-        return self._subscription(names)
+        return self._hints.subscribe(names, self._current_hints)
 
-    @asynccontextmanager
-    async def _subscription(
-        self, names: frozenset[str] | None
-    ) -> AsyncGenerator[AsyncIterator[Hint], None]:
-        sub = _Subscriber(names)
+    def _current_hints(self) -> list[Hint]:
+        out = []
         for name in self.mirror.names():
             cursor = self.mirror.cursor(name)
             if cursor is not None:
-                sub.offer(Hint(name, cursor, self.mirror.digest(name)))
-        self._subscribers.add(sub)
-        try:
-            yield sub
-        finally:
-            self._subscribers.discard(sub)
+                out.append(Hint(name, cursor, self.mirror.digest(name)))
+        return out
 
     # --- fleet (the replicas below this relay)
 
     def ack(
         self, replica: str, address: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any]
     ) -> None:
-        if not replica or len(replica) > 256:
-            raise ProtocolError("replica id must be 1-256 characters")
-        if len(self._fleet) >= 100_000 and replica not in self._fleet:
-            oldest = min(self._fleet.values(), key=lambda e: e.last_seen)
-            del self._fleet[oldest.replica]
-        self._fleet[replica] = FleetEntry(
-            replica, self.clock(), address, dict(datasets), dict(info)
-        )
+        self._fleet.ack(replica, address, datasets, info)
 
     def fleet(self) -> list[FleetEntry]:
-        return sorted(self._fleet.values(), key=lambda e: e.replica)
+        return self._fleet.entries()
 
     def lag(self, cursor: Cursor, name: str) -> int | None:
         current = self.mirror.cursor(name) if name in self.mirror.names() else None
