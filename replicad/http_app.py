@@ -434,6 +434,21 @@ def _hint_event(hint: Hint) -> bytes:
 # --------------------------------------------------------------------- the app
 
 
+def _encode(message: Response) -> bytes:
+    return encode_frame(*to_wire(message))
+
+
+async def _frame(message: Response) -> bytes:
+    """The message as one frame. A large answer is packed and compressed in
+    a worker thread, so it does not stall every other request; a small one
+    inline (cheaper than the thread hop)."""
+    records = getattr(message, "records", None) or getattr(message, "upserts", ())
+    if len(records) < 256:
+        return _encode(message)
+    frame: bytes = await trio.to_thread.run_sync(_encode, message)
+    return frame
+
+
 class OriginApp:
     """The ASGI application. ``max_body_bytes`` bounds every request body
     (the server passes ``config.max_body_mb`` in bytes); ``ping_interval`` is
@@ -793,7 +808,7 @@ class OriginApp:
             await self._snapshot_stream(req, request, headers)
             return
         response = await self.service.sync(request)
-        await req.respond(200, encode_frame(*to_wire(response)), None, headers)
+        await req.respond(200, await _frame(response), None, headers)
 
     async def _snapshot_stream(
         self, req: _Request, request: SnapshotRequest, headers: list[tuple[bytes, bytes]]
@@ -804,9 +819,9 @@ class OriginApp:
             await req.start(200, headers)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_disconnect, req, nursery.cancel_scope)
-                await req.body(encode_frame(*to_wire(first)), more=True)
+                await req.body(await _frame(first), more=True)
                 async for chunk in chunks:
-                    await req.body(encode_frame(*to_wire(chunk)), more=True)
+                    await req.body(await _frame(chunk), more=True)
                 await req.body(b"")
                 nursery.cancel_scope.cancel()
         except StopAsyncIteration:
