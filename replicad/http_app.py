@@ -442,7 +442,9 @@ async def _frame(message: Response) -> bytes:
     """The message as one frame. A large answer is packed and compressed in
     a worker thread, so it does not stall every other request; a small one
     inline (cheaper than the thread hop)."""
-    records = getattr(message, "records", None) or getattr(message, "upserts", ())
+    records: tuple[object, ...] = getattr(message, "records", None) or getattr(
+        message, "upserts", ()
+    )
     if len(records) < 256:
         return _encode(message)
     frame: bytes = await trio.to_thread.run_sync(_encode, message)
