@@ -85,6 +85,7 @@ from replicad.messages import (
     EPOCH_BYTES,
     REQUEST_TYPES,
     Cursor,
+    DiffResponse,
     Hint,
     Response,
     SnapshotChunk,
@@ -442,10 +443,13 @@ async def _frame(message: Response) -> bytes:
     """The message as one frame. A large answer is packed and compressed in
     a worker thread, so it does not stall every other request; a small one
     inline (cheaper than the thread hop)."""
-    records: tuple[object, ...] = getattr(message, "records", None) or getattr(
-        message, "upserts", ()
-    )
-    if len(records) < 256:
+    if isinstance(message, SnapshotChunk):
+        size = len(message.records)
+    elif isinstance(message, DiffResponse):
+        size = len(message.upserts)
+    else:
+        size = 0
+    if size < 256:
         return _encode(message)
     frame: bytes = await trio.to_thread.run_sync(_encode, message)
     return frame
