@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except ReplicadError as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. the health port is in use
+        detail = exc.strerror or str(exc)
+        print(
+            f"sidecar: error: {detail}" + (f": {exc.filename}" if exc.filename else ""),
+            file=sys.stderr,
+        )
+        return 1
     except (ValueError, KeyError) as exc:
         print(f"sidecar: error: unexpected answer: {json.dumps(str(exc))}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ Example ``sidecar.toml``::
     relay_read_tokens = ["..."]                # tokens sidecars below must send
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
+(``SIDECAR_TOKEN`` wins over ``SIDECAR_TOKEN_FILE`` when both are set)
 (``SIDECAR_ORIGIN``, ``SIDECAR_DATASETS=a,b``, ``SIDECAR_TOKEN``, ...), which is
 how a container is usually configured. Precedence: flags, environment, file,
 defaults.
@@ -33,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from replicad.config import Listen
 from replicad.errors import ConfigError
@@ -53,7 +56,9 @@ class SidecarConfig:
     map_size_mb: int = 1024
     max_map_size_mb: int = 1 << 20
     max_readers: int = 1024
-    file_mode: int = 0o640
+    file_mode: int = 0o660
+    """Mode of the mirror's files: readers in the group must be able to write
+    ``lock.mdb`` (LMDB's reader table), so group read-write."""
     log_format: str = "json"
     durable: bool = True
     hints: bool = True
@@ -64,7 +69,11 @@ class SidecarConfig:
     def validate(self) -> SidecarConfig:
         if not self.datasets:
             raise ConfigError("no datasets configured (datasets = [...] or --datasets a,b)")
-        if not self.origin.startswith(("http://", "https://")):
+        try:
+            url = httpx.URL(self.origin)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigError(f"invalid origin URL {self.origin!r}: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"origin must be an http(s) URL, got {self.origin!r}")
         for name in ("poll_interval", "max_staleness", "ack_interval", "request_timeout"):
             if getattr(self, name) <= 0:
@@ -173,10 +182,13 @@ def load(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: {exc}") from exc
     env = os.environ if environ is None else environ
-    from_env = {
-        name: env[f"SIDECAR_{name.upper()}"] for name in _FIELDS if f"SIDECAR_{name.upper()}" in env
-    }
-    cfg = from_mapping(from_env, cfg)
+    # a fixed order (not the set's): SIDECAR_TOKEN_FILE first, so that
+    # SIDECAR_TOKEN, when both are set, is the one that counts
+    names = sorted(_FIELDS, key=lambda n: (n != "token_file", n))
+    for name in names:
+        value = env.get(f"SIDECAR_{name.upper()}")
+        if value is not None:
+            cfg = from_mapping({name: value}, cfg)
     if overrides:
         cfg = from_mapping(overrides, cfg)
     return cfg.validate()

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import signal
 import ssl
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 
 import hypercorn.config
 import hypercorn.trio
 import trio
 
 from replicad.client import AsyncSyncClient
+from replicad.errors import ConfigError, ReplicadError
 from replicad.http_app import OriginApp
 from replicad.replica import SyncConfig
 from sidecar.agent import Agent, AgentSettings, SyncTransport
@@ -73,7 +75,7 @@ async def serve(
             for ds in agent.datasets.values():
                 ds.on_applied = relay.publish
         async with trio.open_nursery() as nursery:
-            await nursery.start(agent.run)
+            # ports first: a port in use fails the start before any sync work
             binds: list[str] = []
             if relay is not None and config.serve_sync is not None:
                 app = OriginApp(relay, read_tokens=config.relay_read_tokens)
@@ -81,19 +83,35 @@ async def serve(
                 rconfig.bind = [config.serve_sync.bind()]
                 rconfig.accesslog = None
                 rconfig.errorlog = None
-                relay_binds = await nursery.start(hypercorn.trio.serve, app, rconfig)
+                with _listen_errors(config.serve_sync):
+                    relay_binds = await nursery.start(hypercorn.trio.serve, app, rconfig)
                 log.info("relay serving the sync API", extra={"binds": relay_binds})
             if config.health is not None:
                 hconfig = hypercorn.config.Config()
                 hconfig.bind = [config.health.bind()]
                 hconfig.accesslog = None
                 hconfig.errorlog = None
-                binds = await nursery.start(hypercorn.trio.serve, HealthApp(agent), hconfig)
+                with _listen_errors(config.health):
+                    binds = await nursery.start(hypercorn.trio.serve, HealthApp(agent), hconfig)
+            await nursery.start(agent.run)
             log.info(
                 "sidecar running",
                 extra={"origin": config.origin, "datasets": list(config.datasets), "health": binds},
             )
             task_status.started(binds)
+
+
+@contextmanager
+def _listen_errors(address: object) -> Iterator[None]:
+    """A port that cannot be bound becomes a one-line ConfigError naming it
+    (hypercorn raises OSError, possibly inside an exception group)."""
+    try:
+        yield
+    except (OSError, BaseExceptionGroup) as exc:
+        err = _single(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(err, OSError):
+            raise ConfigError(f"cannot listen on {address}: {err.strerror or err}") from err
+        raise
 
 
 def run(config: SidecarConfig) -> None:
@@ -108,4 +126,26 @@ def run(config: SidecarConfig) -> None:
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a start-up failure is about (trio wraps errors of a
+    nursery's tasks in groups), so the CLI can print it as one line."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, ReplicadError | OSError):
+            return leaf
+    return group

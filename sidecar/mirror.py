@@ -45,6 +45,7 @@ a transaction commits.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -227,7 +228,7 @@ class Mirror:
         max_map_size: int = 1 << 40,
         max_readers: int = 1024,
         durable: bool = True,
-        file_mode: int = 0o640,
+        file_mode: int = 0o660,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -254,11 +255,17 @@ class Mirror:
                 readahead=False,
                 mode=file_mode,
             )
+            # the umask may have narrowed LMDB's create mode: readers in the
+            # group need lock.mdb writable (it is LMDB's reader table)
+            for name in ("data.mdb", "lock.mdb"):
+                os.chmod(self.path / name, file_mode)
             self.stale_readers_cleared = self._env.reader_check()
             self._meta = self._env.open_db(b"meta")
             self._load()
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the mirror at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open the mirror at {self.path}: {exc.strerror}") from exc
 
     # ------------------------------------------------------------ start-up
 
