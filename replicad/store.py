@@ -92,6 +92,12 @@ from replicad.version_queue import (
 )
 
 MAX_DATASETS = 1000
+GROW_WAIT = 10.0
+"""Seconds a write that needs a bigger map waits for open read transactions."""
+MAX_QUEUE_KEYS = 1_000_000
+"""Keys a dataset's version queue may hold; past it the oldest history is
+dropped (replicas that old repair with Merkle). Entries larger than the
+biggest diff the responder ships would be useless anyway."""
 _LEAF = struct.Struct(">I")
 _VERSION = struct.Struct(">Q")
 
@@ -256,12 +262,22 @@ class OriginStore:
             with self._env.begin() as txn:
                 entries = [decode_entry(bytes(v)) for _, v in txn.cursor(db=queue_db)]
             queue = VersionQueue.from_entries(
-                epoch, floor, version, entries, max_entries=spec.max_entries, policy=policy
+                epoch,
+                floor,
+                version,
+                entries,
+                max_entries=spec.max_entries,
+                max_keys=MAX_QUEUE_KEYS,
+                policy=policy,
             )
         except ReplicadError:
             # the history is unusable: keep the data, start a new epoch
             queue = VersionQueue(
-                self._random_bytes(16), floor=version, max_entries=spec.max_entries, policy=policy
+                self._random_bytes(16),
+                floor=version,
+                max_entries=spec.max_entries,
+                max_keys=MAX_QUEUE_KEYS,
+                policy=policy,
             )
         tree = self._load_tree(saved_tree, records_db, geometry, version, epoch)
         if tree.digest != digest:
@@ -409,7 +425,12 @@ class OriginStore:
         codec = DatasetCodec(
             schemas or None, max_value_bytes=spec.max_value_bytes, compress=spec.compress
         )
-        queue = VersionQueue(self._random_bytes(16), max_entries=spec.max_entries, policy=policy)
+        queue = VersionQueue(
+            self._random_bytes(16),
+            max_entries=spec.max_entries,
+            max_keys=MAX_QUEUE_KEYS,
+            policy=policy,
+        )
         with self._write_lock:
             if spec.name in self._datasets:
                 raise DatasetExistsError(f"dataset {spec.name!r} already exists")
@@ -473,8 +494,8 @@ class OriginStore:
                         db=self._meta_db,
                     )
 
+            self._with_growth(run)
             with self._state_lock:
-                self._with_growth(run)
                 ds.schemas, ds.codec, ds.spec = schemas, codec, spec
                 ds.meta_revision = revision
                 ds.meta_blob = _meta_blob(definition, revision)
@@ -489,6 +510,7 @@ class OriginStore:
                 self._random_bytes(16),
                 floor=ds.queue.version,
                 max_entries=ds.spec.max_entries,
+                max_keys=MAX_QUEUE_KEYS,
                 policy=ds.queue.policy,
             )
 
@@ -501,8 +523,8 @@ class OriginStore:
                         db=self._meta_db,
                     )
 
+            self._with_growth(run)
             with self._state_lock:
-                self._with_growth(run)
                 ds.queue = queue
                 return self._info(ds)
 
@@ -689,9 +711,15 @@ class OriginStore:
                 raise StorageError(f"store write failed: {exc}") from exc
 
     def _grow(self, size: int) -> None:
+        """Grow the map once no read transaction of this process is open,
+        waiting at most ``GROW_WAIT`` seconds (a long snapshot stream may hold
+        one); then fail the write, retriably, instead of stalling writers."""
         with self._state_lock:
-            while self._readers:
-                self._readers_idle.wait()
+            if not self._readers_idle.wait_for(lambda: not self._readers, timeout=GROW_WAIT):
+                raise MapFullError(
+                    "the store's map is full and could not grow: read transactions "
+                    "(snapshot streams) stayed open; nothing was written, retry"
+                )
             self._env.set_mapsize(size)
 
     # ------------------------------------------------------------ reads

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from replicad.errors import ReplicadError, StorageError
+from replicad.errors import ProtocolError, ReplicadError, StorageError
 from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
 from replicad.metrics import Registry
 from replicad.progress import Progress
@@ -213,6 +213,8 @@ class DatasetSync:
                     return follow
                 if not self.sync.streaming:
                     return None
+        if self.sync.streaming:  # the stream ended before its last chunk
+            raise ProtocolError("the snapshot stream ended before its last chunk")
         return None
 
 

@@ -10,7 +10,7 @@ named database             contents
 =========================  ====================================================
 ``meta``                   ``ds/<name>`` -> msgpack map: ``gen`` (int, the live
                            generation), ``epoch`` (16 bytes or nil),
-                           ``version`` (int), ``digest`` (24 bytes),
+                           ``version`` (int),
                            ``meta_revision`` (int), ``definition`` (bytes: the
                            origin's dataset definition: schemas, dictionary,
                            geometry), ``synced_at`` (float, unix seconds).
@@ -39,8 +39,8 @@ MVCC) until they end their transaction.
 
 The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
 generation (and one for a staging generation), rebuilt at start-up from the
-leaf index (or loaded when saved at a clean shutdown), and updated only after
-a transaction commits.
+leaf index (one pass over 16-byte hashes, no re-hashing), and updated only
+after a transaction commits.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
 
 _LEAF = struct.Struct(">I")
 MAX_DATASETS = 500
+GROW_WAIT = 10.0
+"""Seconds an apply that needs a bigger map waits for open read transactions."""
 
 
 class MirrorView:
@@ -396,8 +398,8 @@ class Mirror:
         captured together, under the lock commits take."""
         with self._state_lock:
             ds = self._state(name)
+            txn = self._env.begin()  # may raise (reader slots full): count only after
             self._readers += 1
-            txn = self._env.begin()
             view = MirrorView(self, ds, txn)
         try:
             yield view
@@ -456,9 +458,15 @@ class Mirror:
                     raise StorageError(f"mirror write failed: {exc}") from exc
 
     def _grow(self, size: int) -> None:
+        """Grow the map once no read transaction of this process is open,
+        waiting at most ``GROW_WAIT`` seconds (a relay's snapshot stream may
+        hold one); then fail the apply, retriably, instead of stalling."""
         with self._state_lock:
-            while self._readers:
-                self._state_lock.wait()
+            if not self._state_lock.wait_for(lambda: not self._readers, timeout=GROW_WAIT):
+                raise MapFullError(
+                    "the mirror's map is full and could not grow: read transactions "
+                    "stayed open; nothing was written, the sync loop retries"
+                )
             self._env.set_mapsize(size)
 
     def _apply(self, name: str, batch: Apply) -> bool:

@@ -218,6 +218,7 @@ class Reader:
         max_dbs: int = 2001,
         clock: Any = time.time,
         env: Any = None,
+        map_size: int = 1 << 40,
     ) -> None:
         self.path = Path(path)
         self.max_staleness = max_staleness
@@ -226,8 +227,17 @@ class Reader:
         self._owns_env = env is None
         try:
             if env is None:
+                # map as much as the writer ever may: then the writer growing
+                # the map never forces a resize here (which, in py-lmdb,
+                # invalidates every open transaction of the process); it is
+                # address space only
                 env = lmdb.open(
-                    str(self.path), readonly=True, lock=True, max_dbs=max_dbs, create=False
+                    str(self.path),
+                    readonly=True,
+                    lock=True,
+                    max_dbs=max_dbs,
+                    create=False,
+                    map_size=map_size,
                 )
             self._env = env
             # handles opened inside a read transaction die with it in py-lmdb
@@ -327,11 +337,11 @@ class Reader:
     @contextmanager
     def snapshot(self) -> Iterator[Snapshot]:
         """Consistent reads across keys and datasets, in one transaction."""
-        txn = self._begin()
+        snap = Snapshot(self, self._begin())
         try:
-            yield Snapshot(self, txn)
+            yield snap
         finally:
-            txn.abort()
+            snap._txn.abort()  # the snapshot may have begun again (a new dataset)
 
     def get(self, dataset: str, key: bytes) -> Record | None:
         """The record at ``key``, or None. UnknownDatasetError for a dataset

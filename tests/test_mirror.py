@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import lmdb
 import msgpack
 import pytest
 
@@ -164,4 +165,27 @@ def test_a_full_map_grows(tmp_path: Path, origin: OriginStore) -> None:
     _, driver = connect(mirror, origin)
     driver.run(0.0)
     assert mirror.items("up") == origin_records(origin)
+    mirror.close()
+
+
+def test_a_view_that_cannot_begin_does_not_block_growth(tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "mirror", durable=False)
+    mirror.ensure("up")
+
+    class Refusing:
+        def __init__(self, env: object) -> None:
+            self._env = env
+
+        def begin(self, *a: object, **k: object) -> object:
+            raise lmdb.ReadersFullError("no reader slot")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._env, name)
+
+    real = mirror._env
+    mirror._env = Refusing(real)  # type: ignore[assignment]
+    with pytest.raises(lmdb.ReadersFullError), mirror.view("up"):
+        pass
+    mirror._env = real
+    assert mirror._readers == 0
     mirror.close()

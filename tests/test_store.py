@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lmdb
@@ -270,3 +270,55 @@ def test_a_replica_follows_the_store_and_repairs_with_merkle(store: OriginStore)
     assert sync.stats.syncs.get("merkle") == 1
     assert sync.stats.records_applied - applied == 1
     assert sync.stats.digest_mismatches == 0
+
+
+def _fill(store: OriginStore, name: str) -> None:
+    blob = random.Random(2).randbytes(50_000)
+    for i in range(1000):
+        if isinstance(store.commit([WriteBatch(name, {b"f%d" % i: blob})])[0], MapFullError):
+            return
+    raise AssertionError("the map never filled")
+
+
+def test_schema_changes_on_a_full_map_fail_instead_of_hanging(tmp_path: Path) -> None:
+    s = OriginStore(tmp_path / "o", durable=False, map_size=1 << 20, max_map_size=1 << 20)
+    s.create_dataset(DatasetSpec("up", SCHEMA))
+    s.create_dataset(DatasetSpec("blobs", None, compress=False))
+    _fill(s, "blobs")
+    done: list[object] = []
+
+    evolved = Schema(2, (*SCHEMA.fields, Field("x", FieldType.INT, default=0)))
+    ops: list[Callable[[], object]] = [
+        lambda: s.reset_history("up"),
+        lambda: s.evolve_schema("up", evolved),
+    ]
+
+    def attempt() -> None:
+        for op in ops:
+            try:
+                done.append(op())
+            except MapFullError as exc:
+                done.append(exc)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "a schema change on a full map hung"
+    assert len(done) == 2
+    s.close()
+
+
+def test_map_growth_waits_for_open_views_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import replicad.store as store_module
+
+    monkeypatch.setattr(store_module, "GROW_WAIT", 0.2)
+    s = OriginStore(tmp_path / "o", durable=False, map_size=1 << 20, max_map_size=64 << 20)
+    s.create_dataset(DatasetSpec("blobs", None, compress=False))
+    blob = random.Random(3).randbytes(400_000)
+    with s.view("blobs"):  # a long snapshot stream, say
+        results = [s.commit([WriteBatch("blobs", {b"b%d" % i: blob})])[0] for i in range(4)]
+    assert any(isinstance(r, MapFullError) for r in results)  # failed, retriable; no hang
+    ok(s.commit([WriteBatch("blobs", {b"later": blob})])[0])  # the view closed: it grows
+    s.close()
