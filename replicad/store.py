@@ -185,6 +185,7 @@ class OriginStore:
         self._readers_idle = threading.Condition(self._state_lock)
         self._datasets: dict[str, _Dataset] = {}
         self._closed = False
+        self._broken = ""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(
@@ -540,6 +541,10 @@ class OriginStore:
         nothing.
         """
         with self._write_lock:
+            if self._broken:
+                return [
+                    StorageError(f"the store must be restarted: {self._broken}") for _ in batches
+                ]
             prepared: list[_Prepared | ReplicadError] = []
             marks: dict[str, int] = {}
             for batch in batches:
@@ -553,6 +558,9 @@ class OriginStore:
                 outcome: list[WriteResult | ReplicadError] = self._with_growth(
                     lambda: self._write_group(prepared, marks)
                 )
+            except _CommittedError as exc:
+                # durable, but unconfirmed: never hand the dictionary codes out again
+                return [exc for _ in batches]
             except ReplicadError as exc:
                 for name, mark in marks.items():
                     self._datasets[name].codec.dictionary.truncate(mark)
@@ -615,17 +623,30 @@ class OriginStore:
                     self._state_doc(ds, p.queue, p.digest, p.revision),
                     db=self._meta_db,
                 )
+            blobs = {
+                name: _meta_blob(p.definition, p.revision)
+                for name, p in pending.items()
+                if p.definition is not None
+            }
             with self._state_lock:
                 txn.commit()
-                for name, p in pending.items():
-                    ds = self._datasets[name]
-                    ds.queue = p.queue
-                    update_leaf = ds.tree.update_leaf
-                    for leaf, old, new in p.changes:
-                        update_leaf(leaf, old, new)
-                    if p.definition is not None:
-                        ds.meta_revision = p.revision
-                        ds.meta_blob = _meta_blob(p.definition, p.revision)
+                try:
+                    for name, p in pending.items():
+                        ds = self._datasets[name]
+                        ds.queue = p.queue
+                        update_leaf = ds.tree.update_leaf
+                        for leaf, old, new in p.changes:
+                            update_leaf(leaf, old, new)
+                        if name in blobs:
+                            ds.meta_revision = p.revision
+                            ds.meta_blob = blobs[name]
+                except BaseException as exc:
+                    # committed, but memory is out of step with the disk: refuse
+                    # every further write; a restart rebuilds memory from disk
+                    self._broken = f"in-memory state lost after a commit: {exc!r}"
+                    raise _CommittedError(self._broken) from exc
+        except _CommittedError:
+            raise
         except BaseException:
             txn.abort()
             raise
@@ -785,6 +806,11 @@ class OriginStore:
                 if chunk.next_after is None:
                     return
                 after = chunk.next_after
+
+
+class _CommittedError(StorageError):
+    """A group committed to disk but its in-memory switch failed; the store
+    refuses further writes until restarted."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from replicad.errors import (
     FieldTypeError,
     MapFullError,
     SchemaError,
+    StorageError,
     UnknownDatasetError,
 )
 from replicad.loopback import LoopbackDriver
@@ -322,3 +323,27 @@ def test_map_growth_waits_for_open_views_only_so_long(
     assert any(isinstance(r, MapFullError) for r in results)  # failed, retriable; no hang
     ok(s.commit([WriteBatch("blobs", {b"later": blob})])[0])  # the view closed: it grows
     s.close()
+
+
+def test_a_failure_after_the_commit_stops_writes_until_restart(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = OriginStore(store_path, durable=False)
+    s.create_dataset(DatasetSpec("up", SCHEMA))
+
+    def broken(*args: object) -> None:
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(MerkleTree, "update_leaf", broken)
+    result = s.commit([WriteBatch("up", {b"a": rec(1, "chengdu")})])[0]
+    assert isinstance(result, StorageError)
+    monkeypatch.undo()
+    assert "chengdu" in s.codec("up").dictionary.strings("city")  # codes not handed out twice
+    refused = s.commit([WriteBatch("up", {b"b": rec(2)})])[0]
+    assert isinstance(refused, StorageError) and "restarted" in str(refused)
+    s._env.close()  # the process restarts (no clean close): memory is rebuilt from disk
+    s2 = OriginStore(store_path, durable=False)
+    value = s2.get("up", b"a")[0]
+    assert value is not None and s2.codec("up").decode(value)["city"] == "chengdu"
+    ok(s2.commit([WriteBatch("up", {b"b": rec(2, "chengdu")})])[0])
+    s2.close()
