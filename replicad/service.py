@@ -185,7 +185,7 @@ class OriginService:
     async def write(self, batch: WriteBatch) -> WriteResult:
         """Commit ``batch`` as one version (group-committed, durable on
         return). Raises the error that rejected it."""
-        self.store.info(batch.dataset)  # UnknownDatasetError before queueing
+        self.store.check(batch.dataset)  # UnknownDatasetError before queueing
         pending = _Pending(batch)
         await self._send.send(pending)
         await pending.done.wait()
@@ -202,7 +202,7 @@ class OriginService:
     async def sync(self, request: SyncRequest) -> Response:
         """Answer one sync request from a consistent view."""
         self._m_sync.inc(1, type(request).__name__)
-        self.store.info(request.dataset)
+        self.store.check(request.dataset)
         return await trio.to_thread.run_sync(self.store.answer, request, self.responder)
 
     async def snapshot_stream(
@@ -211,7 +211,7 @@ class OriginService:
         """Every chunk from ``request.after`` to the end, read in one read
         transaction (one version), one worker-thread hop per chunk."""
         self._m_sync.inc(1, "SnapshotStream")
-        self.store.info(request.dataset)
+        self.store.check(request.dataset)
         chunks = self.store.stream(request, self.responder)
         try:
             while True:
@@ -233,7 +233,7 @@ class OriginService:
         an unknown name."""
         names = None if datasets is None else frozenset(datasets)
         for name in names or ():
-            self.store.info(name)
+            self.store.check(name)
         return self._hints.subscribe(
             names, lambda: [Hint(i.name, i.cursor, i.digest) for i in self.store.infos()]
         )

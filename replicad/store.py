@@ -380,6 +380,12 @@ class OriginStore:
     def names(self) -> list[str]:
         return sorted(self._datasets)
 
+    def check(self, name: str) -> None:
+        """UnknownDatasetError unless ``name`` exists. Takes no lock, so the
+        event loop can call it while a commit holds the state lock."""
+        if name not in self._datasets:
+            raise UnknownDatasetError(f"no dataset named {name!r}")
+
     def _dataset(self, name: str) -> _Dataset:
         ds = self._datasets.get(name)
         if ds is None:
