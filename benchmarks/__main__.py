@@ -15,7 +15,7 @@ import time
 
 from benchmarks.common import Row
 
-MODULES = ["codec", "merkle", "version_queue", "origin"]
+MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar"]
 
 
 def _fmt(x: float | None) -> str:

@@ -183,16 +183,16 @@ class DatasetSync:
         req = action.request
         follow: Send | None = None
         try:
-            with trio.fail_after(self.settings.request_timeout):
-                if isinstance(req, SnapshotRequest) and req.stream:
-                    follow = await self._stream(req)
-                else:
+            if isinstance(req, SnapshotRequest) and req.stream:
+                follow = await self._stream(req)  # timed per chunk, not as a whole
+            else:
+                with trio.fail_after(self.settings.request_timeout):
                     resp = await self.transport.request(req)
-                    if isinstance(resp, SnapshotChunk):
-                        self._bootstrap.total = resp.digest.count
-                    self.sync.response(resp, trio.current_time())
+                if isinstance(resp, SnapshotChunk):
+                    self._bootstrap.total = resp.digest.count
+                self.sync.response(resp, trio.current_time())
         except (ReplicadError, trio.TooSlowError, OSError) as exc:
-            reason = f"{type(req).__name__}: {exc or type(exc).__name__}"
+            reason = f"{type(req).__name__}: {str(exc) or type(exc).__name__}"
             log.warning("sync request failed", extra={"dataset": self.name, "error": reason})
             self.sync.failed(reason, trio.current_time())
         if follow is not None:
@@ -203,7 +203,13 @@ class DatasetSync:
         instead of the next chunk (it moved on), to perform after the stream
         is closed."""
         async with _closing(self.transport.snapshot_stream(req)) as chunks:
-            async for chunk in chunks:
+            while True:
+                # an idle timeout per chunk: a long bootstrap is not one request
+                with trio.fail_after(self.settings.request_timeout):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
                 self._bootstrap.total = chunk.digest.count
                 self.sync.response(chunk, trio.current_time())
                 follow = self.sync.next_action(trio.current_time())

@@ -179,3 +179,37 @@ async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
         nursery.cancel_scope.cancel()
     mirror.close()
     store.close()
+
+
+class SlowStream(ServiceTransport):
+    async def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]:
+        async with contextlib.aclosing(super().snapshot_stream(req)) as chunks:
+            async for chunk in chunks:
+                await trio.sleep(0.2)
+                yield chunk
+
+
+async def test_a_long_snapshot_stream_is_timed_per_chunk(paths: tuple[Path, Path]) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    settings = AgentSettings(
+        datasets=("up",),
+        replica_id="slow",
+        sync=SyncConfig(snapshot_chunk=100),
+        request_timeout=0.5,  # the whole stream takes ~1 s; each chunk 0.2 s
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
+        )
+        agent = Agent(mirror, SlowStream(service), settings, rng=random.Random(5))
+        await nursery.start(agent.run)
+        await wait_until(agent.ready, timeout=10)
+        assert agent.datasets["up"].sync.stats.failures == 0
+        assert mirror.items("up") == records(store)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
