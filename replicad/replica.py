@@ -140,8 +140,8 @@ class SyncConfig:
     """Pull this long after the last successful sync even without a hint."""
     backoff_base: float = 0.05
     backoff_max: float = 30.0
-    snapshot_chunk: int = 5_000
-    """Records per snapshot chunk."""
+    snapshot_chunk: int = 20_000
+    """Records per snapshot chunk (one write transaction, one fsync, each)."""
     snapshot_stream: bool = True
     """Ask for the snapshot as one stream of chunks (the adapter feeds each)."""
     merkle_levels_per_query: int = 2

@@ -78,6 +78,19 @@ GROW_WAIT = 10.0
 """Seconds an apply that needs a bigger map waits for open read transactions."""
 
 
+def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | None]]) -> Digest:
+    """The digest after ``(leaf, old hash, new hash)`` changes (XOR in, XOR out)."""
+    count, xor = digest.count, digest.xor
+    for _, old_h, new_h in changes:
+        if old_h is not None:
+            xor ^= old_h
+            count -= 1
+        if new_h is not None:
+            xor ^= new_h
+            count += 1
+    return Digest(count, xor)
+
+
 class MirrorView:
     """One dataset of the mirror at one version (a
     :class:`replicad.responder.DatasetView`), for relays. Version history
@@ -485,7 +498,7 @@ class Mirror:
                 target = ds.staging
                 staged_meta = batch.meta or staged_meta
             changes = self._write_records(txn, target, batch)
-            digest_after = target.tree.stage(changes).digest_after
+            digest_after = _digest_after(target.tree.digest, changes)
             verify = batch.target is Target.LIVE or batch.promote
             if verify and batch.expected_digest not in (None, digest_after):
                 txn.abort()
@@ -515,8 +528,9 @@ class Mirror:
             raise
         with self._state_lock:
             txn.commit()
-            for key, old, new in changes:
-                target.tree.update(key, old, new)
+            update_leaf = target.tree.update_leaf
+            for leaf, old_h, new_h in changes:
+                update_leaf(leaf, old_h, new_h)
             if batch.target is Target.LIVE:
                 ds.cursor, ds.synced_at = batch.cursor, now
                 if batch.meta is not None:
@@ -541,27 +555,29 @@ class Mirror:
 
     def _write_records(
         self, txn: Any, gen: _Gen, batch: Apply
-    ) -> list[tuple[bytes, bytes | None, bytes | None]]:
-        changes: list[tuple[bytes, bytes | None, bytes | None]] = []
+    ) -> list[tuple[int, int | None, int | None]]:
+        """Write the batch into ``gen``; return ``(leaf, old hash, new hash)``
+        per change. Each key's leaf and each value's hash are computed once:
+        they feed the leaf index, the digest check and the tree update."""
+        changes: list[tuple[int, int | None, int | None]] = []
         shift = 64 - (gen.tree.geometry.leaves.bit_length() - 1)
+        records, leaves = gen.records, gen.leaves
+        replace, put, pack = txn.replace, txn.put, _LEAF.pack
         for key, value in batch.upserts:
-            old = txn.replace(key, value, db=gen.records)
+            old = replace(key, value, db=records)
             if old == value:
                 continue
             leaf = xxh3_64_intdigest(key) >> shift
-            txn.put(
-                _LEAF.pack(leaf) + key,
-                entry_hash(key, value).to_bytes(16, "big"),
-                db=gen.leaves,
-            )
-            changes.append((key, None if old is None else bytes(old), value))
+            new_h = entry_hash(key, value)
+            put(pack(leaf) + key, new_h.to_bytes(16, "big"), db=leaves)
+            changes.append((leaf, None if old is None else entry_hash(key, bytes(old)), new_h))
         for key in batch.deletes:
-            old = txn.pop(key, db=gen.records)
+            old = txn.pop(key, db=records)
             if old is None:
                 continue
             leaf = xxh3_64_intdigest(key) >> shift
-            txn.delete(_LEAF.pack(leaf) + key, db=gen.leaves)
-            changes.append((key, bytes(old), None))
+            txn.delete(pack(leaf) + key, db=leaves)
+            changes.append((leaf, entry_hash(key, bytes(old)), None))
         return changes
 
     def _put_ds(

@@ -105,7 +105,7 @@ def test_kill9_during_bootstrap_and_apply_never_shows_a_torn_version(tmp_path: P
         )  # fmt: skip
         try:
             sidecar.start()
-            time.sleep(0.15)  # mid-bootstrap (4 chunks of 5,000 records)
+            time.sleep(0.15)  # mid-bootstrap
             sidecar.kill9()
             sidecar.start()
             sidecar.wait_version("torn", version, timeout=30)
