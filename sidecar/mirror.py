@@ -266,7 +266,9 @@ class Mirror:
                 max_dbs=4 * MAX_DATASETS + 1,
                 max_readers=max_readers,
                 sync=durable,
-                metasync=durable,
+                # an OS crash may undo the last apply (integrity is kept, and the
+                # sidecar simply pulls it again): one fsync per apply, not two
+                metasync=False,
                 readahead=False,
                 mode=file_mode,
             )
