@@ -283,8 +283,8 @@ class ReplicaSync:
         self._merkle: MerkleComparison | None = None
         self._merkle_base: Cursor | None = None
         self._merkle_attempts = 0
+        self._mismatches_in_row = 0
         self._streaming = False
-        self._after_apply: Phase = Phase.IDLE
 
     # ------------------------------------------------------------------ API
 
@@ -441,6 +441,7 @@ class ReplicaSync:
         self._merkle = None
         self._merkle_base = None
         self._merkle_attempts = 0
+        self._mismatches_in_row = 0
         self._streaming = False
         o = self.origin_cursor
         if (
@@ -670,14 +671,23 @@ class ReplicaSync:
             raise ProtocolError(f"diff from {since} answered with cursor {to}")
 
     def _on_mismatch(self, batch: Apply, now: float) -> None:
-        self.stats.last_error = f"digest mismatch applying {batch.kind.value} batch"
+        reason = f"digest mismatch applying {batch.kind.value} batch"
+        self.stats.last_error = reason
+        self._mismatches_in_row += 1
         if batch.promote:
             self._staging = None
             self._begin_snapshot(fresh=True)
-            return
-        if self.phase is Phase.MERKLE:
+        elif self.phase is Phase.MERKLE and (
+            self._merkle_attempts + 1 >= self.config.max_merkle_attempts
+        ):
             self._merkle_attempts += 1
-            if self._merkle_attempts >= self.config.max_merkle_attempts:
-                self._begin_snapshot(fresh=True)
-                return
-        self._begin_merkle()
+            self._begin_snapshot(fresh=True)
+        else:
+            if self.phase is Phase.MERKLE:
+                self._merkle_attempts += 1
+            self._begin_merkle()
+        if self._mismatches_in_row > 1:
+            # the first mismatch is repaired at once; repeated ones (a faulty
+            # server, a corrupting disk) back off like failures, from the
+            # phase just chosen, instead of spinning
+            self._fail(now, reason)

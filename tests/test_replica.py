@@ -453,3 +453,37 @@ def _digest_of(records: dict[bytes, bytes]) -> object:
     for k, v in records.items():
         tree.update(k, None, v)
     return tree.digest
+
+
+class LyingServer:
+    """Answers like the origin but always with a wrong digest."""
+
+    def __init__(self, origin: MemoryDataset) -> None:
+        from replicad.loopback import ViewServer
+
+        self.inner = ViewServer(origin)
+
+    def _lie(self, resp: Any) -> Any:
+        from dataclasses import replace
+
+        from replicad.merkle import Digest
+
+        digest = getattr(resp, "digest", None)
+        return replace(resp, digest=Digest(digest.count, digest.xor ^ 1)) if digest else resp
+
+    def answer(self, request: Any) -> Any:
+        return self._lie(self.inner.answer(request))
+
+    def stream(self, request: Any) -> Any:
+        return (self._lie(c) for c in self.inner.stream(request))
+
+
+def test_a_server_that_always_mismatches_gets_backoff_not_a_spin() -> None:
+    origin = make_origin(30)
+    mirror = MemoryMirror(origin.tree.geometry)
+    sync = make_replica(mirror)
+    driver = Driver(sync, mirror, LyingServer(origin))
+    wait = driver.run(0.0, max_steps=500)  # a spin would exhaust the steps
+    assert wait.deadline is not None and wait.deadline > 0.0
+    assert sync.stats.digest_mismatches >= 1
+    assert mirror.cursor is None  # nothing wrong was ever committed
