@@ -758,11 +758,21 @@ class AsyncSyncClient:
             )
         return msg
 
-    @staticmethod
-    def _check_frame_type(response: httpx.Response) -> None:
-        ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype != FRAME_CONTENT_TYPE:
-            raise ProtocolError(f"expected {FRAME_CONTENT_TYPE}, got {ctype}")
+    @asynccontextmanager
+    async def _post_frame(self, req: Request, *, what: str) -> AsyncIterator[_Body]:
+        """POST ``req`` as one frame to ``/v1/sync``; yield the answer's body
+        once its content type is checked (ProtocolError if it is not frames)."""
+        async with self._stream(
+            "POST",
+            "/v1/sync",
+            what=what,
+            content=encode_frame(*to_wire(req)),
+            headers={"Content-Type": FRAME_CONTENT_TYPE},
+        ) as answer:
+            ctype = answer.response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and ctype != FRAME_CONTENT_TYPE:
+                raise ProtocolError(f"expected {FRAME_CONTENT_TYPE}, got {ctype}")
+            yield answer
 
     # ------------------------------------------------------------ sync
 
@@ -777,16 +787,7 @@ class AsyncSyncClient:
         the mapped error of an error status; OriginUnavailableError."""
         if isinstance(req, SnapshotRequest) and req.stream:
             raise SyncUsageError("a streamed SnapshotRequest goes through snapshot_stream()")
-        kind, body = to_wire(req)
-        data = encode_frame(kind, body)
-        async with self._stream(
-            "POST",
-            "/v1/sync",
-            what=f"sync {req.dataset}",
-            content=data,
-            headers={"Content-Type": FRAME_CONTENT_TYPE},
-        ) as answer:
-            self._check_frame_type(answer.response)
+        async with self._post_frame(req, what=f"sync {req.dataset}") as answer:
             decoder = FrameDecoder(max_frame_bytes=self.max_frame_bytes)
             frame = None
             async for chunk in answer:
@@ -812,16 +813,7 @@ class AsyncSyncClient:
         connection is released at once."""
         if not req.stream:
             req = replace(req, stream=True)
-        kind, body = to_wire(req)
-        data = encode_frame(kind, body)
-        async with self._stream(
-            "POST",
-            "/v1/sync",
-            what=f"snapshot {req.dataset}",
-            content=data,
-            headers={"Content-Type": FRAME_CONTENT_TYPE},
-        ) as answer:
-            self._check_frame_type(answer.response)
+        async with self._post_frame(req, what=f"snapshot {req.dataset}") as answer:
             decoder = FrameDecoder(max_frame_bytes=self.max_frame_bytes)
             finished = False
             async for chunk in answer:
