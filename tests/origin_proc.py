@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-import httpx
+from tests.procs import ManagedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +37,10 @@ def free_port() -> int:
         return port
 
 
-class OriginProcess:
+class OriginProcess(ManagedProcess):
     """One origin server process; see the module docstring."""
+
+    what = "origin"
 
     def __init__(
         self,
@@ -55,8 +54,8 @@ class OriginProcess:
         start_timeout: float = 15.0,
     ) -> None:
         self.workdir = Path(workdir)
+        super().__init__(self.workdir / "origin.log")
         self.data = self.workdir / "data"
-        self.log_path = self.workdir / "origin.log"
         self.config_path = self.workdir / "replicad.toml"
         self.write_tokens = list(write_tokens)
         self.read_tokens = list(read_tokens)
@@ -65,7 +64,6 @@ class OriginProcess:
         self.ping_interval = ping_interval
         self.start_timeout = start_timeout
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:
@@ -103,8 +101,6 @@ class OriginProcess:
         one it had, so clients keep their URL) and wait until /healthz
         answers. Raises RuntimeError (with the log's tail) if it exits or
         times out."""
-        if self.proc is not None:
-            raise RuntimeError("already running")
         if not (same_port and self.port):
             self.port = free_port()
         env = dict(os.environ)
@@ -126,61 +122,15 @@ class OriginProcess:
             cmd.append("--no-durable")
         if self.ping_interval is not None:
             cmd += ["--ping-interval", str(self.ping_interval)]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=str(self.workdir),
-                env=env,
-            )
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                raise RuntimeError(f"origin exited with {code} at start:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"origin did not answer in time:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds. Returns the exit
-        code (None if it was not running)."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
-
-    def kill9(self) -> None:
-        """SIGKILL: the process dies without any shutdown work."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        self.spawn(
+            cmd,
+            env=env,
+            cwd=self.workdir,
+            health_url=self.base_url + "/healthz",
+            timeout=self.start_timeout,
+        )
 
     def restart(self) -> None:
         """Stop (gracefully, if still running) and start again on the same data."""
         self.stop()
         self.start()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])

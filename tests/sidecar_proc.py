@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +25,12 @@ from typing import Any
 import httpx
 
 from tests.origin_proc import ROOT, free_port
+from tests.procs import ManagedProcess
 
 
-class SidecarProcess:
+class SidecarProcess(ManagedProcess):
+    what = "sidecar"
+
     def __init__(
         self,
         workdir: Path,
@@ -42,8 +43,8 @@ class SidecarProcess:
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        super().__init__(self.workdir / "sidecar.log")
         self.data = self.workdir / "mirror"
-        self.log_path = self.workdir / "sidecar.log"
         self.origin = origin
         self.datasets = list(datasets)
         self.token = token
@@ -51,7 +52,6 @@ class SidecarProcess:
         self.hints = hints
         self.extra_env = extra_env or {}
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def health_url(self) -> str:
@@ -81,8 +81,6 @@ class SidecarProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start(self, timeout: float = 15.0) -> None:
-        if self.proc is not None:
-            raise RuntimeError("already running")
         self.port = free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -101,43 +99,7 @@ class SidecarProcess:
         ]  # fmt: skip
         if not self.hints:
             cmd.append("--no-hints")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                code, self.proc = self.proc.returncode, None
-                raise RuntimeError(f"sidecar exited with {code}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.health_url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"sidecar did not answer in time:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
-
-    def kill9(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        self.spawn(cmd, env=env, health_url=self.health_url + "/healthz", timeout=timeout)
 
     def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = httpx.get(self.health_url + "/status", timeout=5).json()
@@ -167,9 +129,3 @@ class SidecarProcess:
         return self.wait_until(
             lambda st: (st["datasets"][dataset]["version"] or -1) >= version, timeout
         )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
