@@ -15,7 +15,7 @@ import time
 
 from benchmarks.common import Row
 
-MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar"]
+MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar", "reader"]
 
 
 def _fmt(x: float | None) -> str:

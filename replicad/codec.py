@@ -945,6 +945,12 @@ class DatasetCodec:
         """The latest schema's field names: the order of :meth:`decode_values`."""
         return self._names
 
+    @property
+    def field_positions(self) -> Mapping[str, int]:
+        """Field name -> position in :meth:`decode_values`'s list (latest
+        schema); read-only, for hot paths that look fields up by name."""
+        return self._index
+
     def field_index(self, name: str) -> int:
         """The position of field ``name`` in :meth:`decode_values`'s list.
 

@@ -73,7 +73,10 @@ from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
 
 _LEAF = struct.Struct(">I")
-MAX_DATASETS = 500
+MAX_DATASETS = 64
+"""Default bound on datasets per mirror (four LMDB databases each): LMDB's
+cost of beginning any transaction grows with the bound, so it is modest by
+default (``Mirror(max_datasets=...)`` / the sidecar's ``max_datasets``)."""
 GROW_WAIT = 10.0
 """Seconds an apply that needs a bigger map waits for open read transactions."""
 
@@ -244,9 +247,11 @@ class Mirror:
         max_readers: int = 1024,
         durable: bool = True,
         file_mode: int = 0o660,
+        max_datasets: int = MAX_DATASETS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
+        self.max_datasets = max_datasets
         self.max_map_size = max(map_size, max_map_size)
         self._clock = clock
         self._write_lock = threading.Lock()
@@ -263,7 +268,7 @@ class Mirror:
             self._env = lmdb.open(
                 str(self.path),
                 map_size=map_size,
-                max_dbs=4 * MAX_DATASETS + 1,
+                max_dbs=4 * max_datasets + 1,
                 max_readers=max_readers,
                 sync=durable,
                 # an OS crash may undo the last apply (integrity is kept, and the
@@ -278,7 +283,11 @@ class Mirror:
                 os.chmod(self.path / name, file_mode)
             self.stale_readers_cleared = self._env.reader_check()
             self._meta = self._env.open_db(b"meta")
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                self._env.close()
+                raise
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the mirror at {self.path}: {exc}") from exc
         except OSError as exc:
@@ -289,6 +298,12 @@ class Mirror:
     def _load(self) -> None:
         with self._env.begin() as txn:
             rows = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._meta)}
+        held = sum(1 for key in rows if key.startswith(b"ds/"))
+        if held > self.max_datasets:
+            raise StorageError(
+                f"the mirror at {self.path} holds {held} datasets, more than max_datasets "
+                f"({self.max_datasets}): raise the sidecar's max_datasets"
+            )
         for key, raw in rows.items():
             if not key.startswith(b"ds/"):
                 continue
@@ -357,8 +372,11 @@ class Mirror:
         the handle the replica state machine reads the local tree through."""
         with self._write_lock:
             if name not in self._datasets:
-                if len(self._datasets) >= MAX_DATASETS:
-                    raise StorageError(f"the mirror holds at most {MAX_DATASETS} datasets")
+                if len(self._datasets) >= self.max_datasets:
+                    raise StorageError(
+                        f"the mirror holds at most {self.max_datasets} datasets "
+                        "(raise the sidecar's max_datasets)"
+                    )
                 live = self._open_gen(name, 1, Geometry(), build=False)
                 self._open_gen(name, 2, Geometry(), build=False)  # both slots exist for readers
                 ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)

@@ -16,15 +16,39 @@ cached by its revision. Inside :meth:`Reader.snapshot` the raw stored bytes
 are available as memoryviews straight from the memory map (valid until the
 snapshot ends).
 
-The writer may grow the map at any time; a transaction that begins after it
-did gets MDB_MAP_RESIZED, on which the reader adopts the new size and retries.
-Keep transactions short: LMDB cannot reuse pages a live reader still sees.
+Fast path (a reader in an app process): ``get``, ``get_many`` and
+``version`` reuse one read transaction per thread for as long as the mirror
+has not committed anything newer, so most reads cost one B-tree lookup. The
+check is exact and cheap: the reader maps the first two pages of
+``data.mdb`` (LMDB's meta pages) read-only and compares the newer meta
+page's transaction id with its transaction's id; when the writer committed
+since, the transaction is renewed before the read. So a read never returns
+data older than the last commit that finished before it began -- the same
+freshness as a new transaction per read. A reaper thread releases a
+thread's transaction once it has been idle for ``idle_release`` seconds
+(between one and two periods), so an idle app does not pin old pages
+(LMDB cannot reuse pages a live reader still sees). If the meta pages do
+not look like LMDB 0.9's on-disk format, or for :meth:`Reader.over` (a
+reader inside the sidecar, where the mirror must be able to pause readers
+to grow its map), every read takes a new transaction instead.
+
+``max_datasets`` bounds the datasets one reader opens (two LMDB databases
+each): LMDB's cost of beginning a transaction grows with that bound.
+
+The writer may grow the map at any time. This reader maps 1 TiB of address
+space up front, so it never has to follow; with a smaller ``map_size``, a
+transaction that begins after a growth gets MDB_MAP_RESIZED, on which the
+reader pauses its other threads' transactions, adopts the new size and
+retries.
 """
 
 from __future__ import annotations
 
+import mmap
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +58,7 @@ import lmdb
 import msgpack
 
 from replicad.codec import DatasetCodec, Dictionary
-from replicad.errors import ReplicadError, StorageError, UnknownDatasetError, UnknownFieldError
+from replicad.errors import ReplicadError, StorageError, UnknownDatasetError
 from replicad.messages import Cursor
 from replicad.schema import Schema
 
@@ -47,7 +71,8 @@ class StaleDataError(ReplicadError):
 class Record(Sequence[Any]):
     """One record, decoded lazily: ``rec["age"]``, ``rec[0]``, ``rec.to_dict()``.
 
-    For opaque datasets, ``rec.value`` is the bytes and there are no fields.
+    The value is decoded on the first field access, once. For opaque
+    datasets, ``rec.value`` is the bytes and there are no fields.
     """
 
     __slots__ = ("_codec", "_raw", "_values", "cursor", "stale")
@@ -61,9 +86,11 @@ class Record(Sequence[Any]):
 
     @property
     def values(self) -> list[Any]:
-        if self._values is None:
-            self._values = self._codec.decode_values(self._raw)
-        return self._values
+        """Every field's value, in the latest schema's field order."""
+        values = self._values
+        if values is None:
+            values = self._values = self._codec.decode_values(self._raw)
+        return values
 
     @property
     def value(self) -> bytes:
@@ -76,12 +103,15 @@ class Record(Sequence[Any]):
         return self._raw
 
     def __getitem__(self, item: Any) -> Any:
-        if isinstance(item, str):
-            try:
-                return self.values[self._codec.field_index(item)]
-            except UnknownFieldError:
-                raise KeyError(item) from None
-        return self.values[item]
+        values = self._values
+        if values is None:
+            values = self._values = self._codec.decode_values(self._raw)
+        if item.__class__ is str:
+            index = self._codec.field_positions.get(item)
+            if index is None:
+                raise KeyError(item)
+            return values[index]
+        return values[item]
 
     def __len__(self) -> int:
         return len(self.values)
@@ -99,7 +129,7 @@ class Record(Sequence[Any]):
         return f"Record({self.to_dict() if self._codec.is_typed else self.value!r})"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Dataset:
     raw_meta: bytes
     gen: int
@@ -126,13 +156,97 @@ class _HandlesMissingError(Exception):
     transaction use handles opened before it began."""
 
 
+class _ResizeNeededError(Exception):
+    """The writer grew the map past this reader's: adopt it, then retry."""
+
+
+# LMDB 0.9's on-disk meta pages (pages 0 and 1 of data.mdb): a 16-byte page
+# header (flags at byte 10), then MDB_meta: magic (u32 at 16), format version
+# (u32 at 20), ..., the page size (u32 at 40, in the free-list DB record),
+# ..., the transaction id that wrote it (u64 at 144)
+_P_META = 0x08
+_META_MAGIC = 0xBEEFC0DE
+_TXNID_OFFSET = 144
+
+
+class _MetaPages:
+    """The mirror's last committed transaction id, read from its two meta
+    pages through a read-only memory map: a commit rewrites the meta page of
+    its parity, so the larger of the two ids is the last commit. Raises
+    ValueError if the file does not look like LMDB 0.9's format."""
+
+    def __init__(self, data_file: Path) -> None:
+        with data_file.open("rb") as f:
+            head = f.read(64)
+            if len(head) < 64:
+                raise ValueError("data.mdb too short")
+            psize = int.from_bytes(head[40:44], "little")
+            if psize < 512 or psize & (psize - 1):
+                raise ValueError(f"implausible page size {psize}")
+            self._map = mmap.mmap(f.fileno(), 2 * psize, access=mmap.ACCESS_READ)
+        self.words = memoryview(self._map).cast("Q")
+        self.first = _TXNID_OFFSET // 8
+        self.second = (psize + _TXNID_OFFSET) // 8
+        for page in (0, psize):
+            flags = int.from_bytes(self._map[page + 10 : page + 12], "little")
+            magic = int.from_bytes(self._map[page + 16 : page + 20], "little")
+            version = int.from_bytes(self._map[page + 20 : page + 24], "little")
+            if not flags & _P_META or magic != _META_MAGIC or version != 1:
+                self.close()
+                raise ValueError("not an LMDB 0.9 meta page")
+
+    def txnid(self) -> int:
+        words = self.words
+        a, b = words[self.first], words[self.second]
+        return a if a > b else b
+
+    def close(self) -> None:
+        self.words.release()
+        self._map.close()
+
+
+class _ThreadTxn:
+    """One thread's cached read transaction (see the module docstring). Its
+    lock is held only for the length of one read, and by the reaper."""
+
+    __slots__ = ("__weakref__", "datasets", "gen", "lock", "txn", "txnid", "used")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.txn: Any = None
+        self.txnid = -1
+        self.gen = -1
+        self.used = False
+        self.datasets: dict[str, _Dataset] = {}
+
+    def drop(self) -> None:
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        self.datasets.clear()
+
+
+def _reap(reader: weakref.ref[Reader], stop: threading.Event, period: float) -> None:
+    """Release transactions idle for a whole period (the reaper thread)."""
+    while not stop.wait(period):
+        r = reader()
+        if r is None:
+            return
+        r._release_idle()
+        del r
+
+
 class Snapshot:
     """Reads inside one read transaction (see :meth:`Reader.snapshot`)."""
 
-    def __init__(self, reader: Reader, txn: Any) -> None:
+    def __init__(self, reader: Reader) -> None:
         self._reader = reader
-        self._txn = txn
+        self._cm = reader._txn_context()
+        self._txn = self._cm.__enter__()
         self._seen: dict[str, _Dataset] = {}
+
+    def _close(self) -> None:
+        self._cm.__exit__(None, None, None)
 
     def _dataset(self, name: str) -> _Dataset:
         ds = self._seen.get(name)
@@ -147,8 +261,9 @@ class Snapshot:
                     raise UnknownDatasetError(
                         f"dataset {name!r} appeared after this snapshot began; take a new one"
                     ) from None
-                self._txn.abort()
-                self._txn = self._reader._begin()
+                self._close()
+                self._cm = self._reader._txn_context()
+                self._txn = self._cm.__enter__()
                 ds = self._reader._resolve(self._txn, name)
             self._seen[name] = ds
         return ds
@@ -157,23 +272,10 @@ class Snapshot:
         return self._dataset(dataset).cursor
 
     def get(self, dataset: str, key: bytes) -> Record | None:
-        ds = self._dataset(dataset)
-        raw = self._txn.get(key, db=ds.db)
-        if raw is None or ds.codec is None or ds.cursor is None:
-            return None
-        return Record(ds.codec, bytes(raw), ds.cursor, self._reader._is_stale(ds))
+        return self._reader._get(self._txn, self._dataset(dataset), key)
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
-        ds = self._dataset(dataset)
-        if ds.codec is None or ds.cursor is None:
-            return [None for _ in keys]
-        codec, cursor, stale = ds.codec, ds.cursor, self._reader._is_stale(ds)
-        get, db = self._txn.get, ds.db
-        out: list[Record | None] = []
-        for key in keys:
-            raw = get(key, db=db)
-            out.append(None if raw is None else Record(codec, bytes(raw), cursor, stale))
-        return out
+        return self._reader._get_many(self._txn, self._dataset(dataset), keys)
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
@@ -205,8 +307,11 @@ class Reader:
 
     ``max_staleness`` (seconds): records of a dataset last synced longer ago
     are flagged (``record.stale``) or, with ``refuse_stale``, raise
-    :class:`StaleDataError`. Raises :class:`StorageError` if the mirror
-    cannot be opened.
+    :class:`StaleDataError`. ``max_datasets``: how many datasets this reader
+    may open. ``idle_release``: seconds after which an idle thread's cached
+    transaction is released (0 disables caching: a new transaction per read).
+    Create readers after ``fork()``, not before (LMDB's rule). Raises
+    :class:`StorageError` if the mirror cannot be opened.
     """
 
     def __init__(
@@ -215,15 +320,19 @@ class Reader:
         *,
         max_staleness: float | None = None,
         refuse_stale: bool = False,
-        max_dbs: int = 2001,
-        clock: Any = time.time,
+        max_datasets: int = 64,
+        idle_release: float = 0.05,
+        clock: Callable[[], float] = time.time,
         env: Any = None,
+        mirror: Any = None,
         map_size: int = 1 << 40,
     ) -> None:
         self.path = Path(path)
         self.max_staleness = max_staleness
         self.refuse_stale = refuse_stale
+        self.max_datasets = max_datasets
         self._clock = clock
+        self._mirror = mirror
         self._owns_env = env is None
         try:
             if env is None:
@@ -235,7 +344,7 @@ class Reader:
                     str(self.path),
                     readonly=True,
                     lock=True,
-                    max_dbs=max_dbs,
+                    max_dbs=2 * max_datasets + 1,
                     create=False,
                     map_size=map_size,
                 )
@@ -249,16 +358,47 @@ class Reader:
         self._cache: dict[str, _Dataset] = {}
         self._codecs: dict[str, tuple[bytes, DatasetCodec]] = {}
         self._dbs: dict[bytes, Any] = {}
+        self._handles_lock = threading.RLock()
+        self._handles_gen = 0
+        self._snapshots = 0
+        self._snapshots_done = threading.Condition()
+        self._local = threading.local()
+        self._threads: weakref.WeakSet[_ThreadTxn] = weakref.WeakSet()
+        self._stop = threading.Event()
+        self._pages: _MetaPages | None = None
+        if self._owns_env and idle_release > 0:
+            self._pages = self._open_pages()
+        if self._pages is not None:
+            self._words, self._first, self._second = (
+                self._pages.words,
+                self._pages.first,
+                self._pages.second,
+            )
+            threading.Thread(
+                target=_reap,
+                args=(weakref.ref(self), self._stop, idle_release),
+                name="sidecar-reader-reaper",
+                daemon=True,
+            ).start()
         for name in self.datasets():
             self._open_handles(name)
 
     @classmethod
     def over(cls, mirror: Any, **options: Any) -> Reader:
         """A reader sharing the sidecar process's own mirror environment
-        (LMDB allows one handle per environment per process)."""
-        return cls(mirror.path, env=mirror.env, **options)
+        (LMDB allows one handle per environment per process). Its reads are
+        counted by the mirror, which may pause them to grow the map."""
+        return cls(mirror.path, env=mirror.env, mirror=mirror, **options)
 
     def close(self) -> None:
+        self._stop.set()
+        for st in list(self._threads):
+            with st.lock:
+                st.drop()
+        if self._pages is not None:
+            pages, self._pages = self._pages, None
+            del self._words
+            pages.close()
         if self._owns_env:
             self._env.close()
 
@@ -270,31 +410,100 @@ class Reader:
 
     # ------------------------------------------------------------ internals
 
+    def _open_pages(self) -> _MetaPages | None:
+        """The meta pages, if they agree with LMDB about the last commit
+        (else None: every read begins a transaction)."""
+        try:
+            pages = _MetaPages(self.path / "data.mdb")
+        except (OSError, ValueError):
+            return None
+        for _ in range(100):  # a commit may land between the two reads
+            if pages.txnid() == self._env.info()["last_txnid"]:
+                return pages
+        pages.close()
+        return None
+
     def _begin(self) -> Any:
         try:
             return self._env.begin()
         except lmdb.MapResizedError:
-            # the writer grew the map: adopt its size; py-lmdb invalidates the
-            # database handles opened before, so open them again
-            self._env.set_mapsize(0)
-            self.resizes += 1
-            names = {k.decode().split("/")[1] for k in self._dbs}
-            self._dbs.clear()
-            self._cache.clear()
-            self._meta = self._env.open_db(b"meta", create=False)
-            for name in names:
-                self._open_handles(name)
-            return self._env.begin()
+            raise _ResizeNeededError from None
+
+    def _adopt_resize(self) -> None:
+        """The writer grew the map: pause every thread's transaction, adopt
+        the size (py-lmdb invalidates handles and transactions), reopen the
+        handles. Called holding no thread lock."""
+        with self._handles_lock:
+            try:
+                self._env.begin().abort()
+                return  # another thread adopted it already
+            except lmdb.MapResizedError:
+                pass
+            held = []
+            try:
+                for st in list(self._threads):
+                    st.lock.acquire()
+                    held.append(st)
+                    st.drop()
+                with self._snapshots_done:
+                    if not self._snapshots_done.wait_for(lambda: not self._snapshots, timeout=5):
+                        raise StorageError(
+                            "the mirror's map grew but snapshots of this reader stayed open"
+                        )
+                    self._env.set_mapsize(0)
+                self.resizes += 1
+                names = {k.decode().split("/")[1] for k in self._dbs}
+                self._dbs.clear()
+                self._cache.clear()
+                self._meta = self._env.open_db(b"meta", create=False)
+                for name in names:
+                    self._open_handles(name)
+                self._handles_gen += 1
+            finally:
+                for st in held:
+                    st.lock.release()
+
+    @contextmanager
+    def _txn_context(self) -> Iterator[Any]:
+        """A fresh read transaction: the mirror's (counted) for a reader
+        inside the sidecar, else our own (counted for map resizes)."""
+        if self._mirror is not None:
+            with self._mirror.read() as txn:
+                yield txn
+            return
+        for _ in range(3):
+            try:
+                txn = self._begin()
+                break
+            except _ResizeNeededError:
+                self._adopt_resize()
+        else:
+            raise StorageError("the mirror's map kept growing; try again")
+        with self._snapshots_done:
+            self._snapshots += 1
+        try:
+            yield txn
+        finally:
+            txn.abort()
+            with self._snapshots_done:
+                self._snapshots -= 1
+                self._snapshots_done.notify_all()
 
     def _open_handles(self, name: str) -> None:
         """Open both generation slots of ``name`` (outside any transaction)."""
-        for slot in (0, 1):
-            dbname = f"d/{name}/{slot}".encode()
-            if dbname not in self._dbs:
-                try:
-                    self._dbs[dbname] = self._env.open_db(dbname, create=False)
-                except lmdb.NotFoundError:
-                    raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
+        with self._handles_lock:
+            for slot in (0, 1):
+                dbname = f"d/{name}/{slot}".encode()
+                if dbname not in self._dbs:
+                    if len(self._dbs) >= 2 * self.max_datasets:
+                        raise StorageError(
+                            f"this reader opens at most {self.max_datasets} datasets "
+                            "(Reader(max_datasets=...))"
+                        )
+                    try:
+                        self._dbs[dbname] = self._env.open_db(dbname, create=False)
+                    except lmdb.NotFoundError:
+                        raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
 
     def _resolve(self, txn: Any, name: str) -> _Dataset:
         raw = txn.get(b"ds/" + name.encode(), db=self._meta)
@@ -332,36 +541,144 @@ class Reader:
             raise StaleDataError(f"dataset last synced {ago} (max staleness {self.max_staleness}s)")
         return stale
 
+    def _get(self, txn: Any, ds: _Dataset, key: bytes) -> Record | None:
+        raw = txn.get(key, db=ds.db)
+        if raw is None or ds.codec is None or ds.cursor is None:
+            return None
+        return Record(ds.codec, raw, ds.cursor, self._is_stale(ds))
+
+    def _get_many(self, txn: Any, ds: _Dataset, keys: Iterable[bytes]) -> list[Record | None]:
+        codec, cursor = ds.codec, ds.cursor
+        if codec is None or cursor is None:
+            return [None for _ in keys]
+        stale = self._is_stale(ds)
+        get, db = txn.get, ds.db
+        return [
+            None if (raw := get(key, db=db)) is None else Record(codec, raw, cursor, stale)
+            for key in keys
+        ]
+
+    # the fast path: one cached transaction per thread -------------------
+
+    def _thread_txn(self) -> _ThreadTxn:
+        st: _ThreadTxn | None = getattr(self._local, "st", None)
+        if st is None:
+            st = _ThreadTxn()
+            self._local.st = st
+            with self._handles_lock:
+                self._threads.add(st)
+        return st
+
+    def _current(self, st: _ThreadTxn, name: str) -> tuple[Any, _Dataset]:
+        """This thread's transaction, renewed if the mirror committed since,
+        and ``name`` resolved in it. Call holding ``st.lock``."""
+        assert self._pages is not None
+        if st.txn is None or st.txnid != self._pages.txnid() or st.gen != self._handles_gen:
+            st.drop()
+            st.gen = self._handles_gen
+            st.txn = self._begin()
+            st.txnid = st.txn.id()
+        st.used = True
+        ds = st.datasets.get(name)
+        if ds is None:
+            try:
+                ds = self._resolve(st.txn, name)
+            except _HandlesMissingError:
+                st.drop()
+                self._open_handles(name)
+                st.txn = self._begin()
+                st.txnid = st.txn.id()
+                ds = self._resolve(st.txn, name)
+            st.datasets[name] = ds
+        return st.txn, ds
+
+    def _fast(self, name: str, read: Callable[[Any, _Dataset], Any]) -> Any:
+        st = self._thread_txn()
+        for _ in range(3):
+            try:
+                with st.lock:
+                    txn, ds = self._current(st, name)
+                    return read(txn, ds)
+            except _ResizeNeededError:
+                self._adopt_resize()
+        raise StorageError("the mirror's map kept growing; try again")
+
+    def _release_idle(self) -> None:
+        for st in list(self._threads):
+            if st.lock.acquire(blocking=False):
+                try:
+                    if st.used:
+                        st.used = False
+                    else:
+                        st.drop()
+                finally:
+                    st.lock.release()
+
     # ------------------------------------------------------------ API
 
     @contextmanager
     def snapshot(self) -> Iterator[Snapshot]:
         """Consistent reads across keys and datasets, in one transaction."""
-        snap = Snapshot(self, self._begin())
+        snap = Snapshot(self)
         try:
             yield snap
         finally:
-            snap._txn.abort()  # the snapshot may have begun again (a new dataset)
+            snap._close()  # the snapshot may have begun again (a new dataset)
 
     def get(self, dataset: str, key: bytes) -> Record | None:
         """The record at ``key``, or None. UnknownDatasetError for a dataset
         the mirror does not hold."""
-        with self.snapshot() as snap:
-            return snap.get(dataset, key)
+        # the hot path, kept flat: this thread's transaction if nothing was
+        # committed since it began, the dataset as resolved in it
+        try:
+            st: _ThreadTxn = self._local.st
+        except AttributeError:
+            if self._pages is None:
+                with self.snapshot() as snap:
+                    return snap.get(dataset, key)
+            st = self._thread_txn()
+        try:
+            with st.lock:
+                words, txnid = self._words, st.txnid
+                ds = st.datasets.get(dataset)
+                if (
+                    ds is None
+                    or words[self._first] > txnid
+                    or words[self._second] > txnid
+                    or st.gen != self._handles_gen
+                ):
+                    _, ds = self._current(st, dataset)
+                st.used = True
+                raw = st.txn.get(key, None, ds.db)
+                if raw is None or ds.codec is None or ds.cursor is None:
+                    return None
+                stale = False if self.max_staleness is None else self._is_stale(ds)
+                return Record(ds.codec, raw, ds.cursor, stale)
+        except _ResizeNeededError:
+            self._adopt_resize()
+            return self.get(dataset, key)
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
         """Records for ``keys`` (None where absent), all at one version."""
-        with self.snapshot() as snap:
-            return snap.get_many(dataset, keys)
+        if self._pages is None:
+            with self.snapshot() as snap:
+                return snap.get_many(dataset, keys)
+        result: list[Record | None] = self._fast(
+            dataset, lambda txn, ds: self._get_many(txn, ds, keys)
+        )
+        return result
 
     def version(self, dataset: str) -> Cursor | None:
         """The dataset's cursor (None before its first sync)."""
-        with self.snapshot() as snap:
-            return snap.version(dataset)
+        if self._pages is None:
+            with self.snapshot() as snap:
+                return snap.version(dataset)
+        cursor: Cursor | None = self._fast(dataset, lambda txn, ds: ds.cursor)
+        return cursor
 
     def datasets(self) -> list[str]:
-        with self.snapshot() as snap:
-            cur = snap._txn.cursor(db=self._meta)
+        with self._txn_context() as txn:
+            cur = txn.cursor(db=self._meta)
             return sorted(
                 bytes(k)[3:].decode()
                 for k in cur.iternext(values=False)

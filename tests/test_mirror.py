@@ -10,6 +10,7 @@ import lmdb
 import msgpack
 import pytest
 
+from replicad.errors import StorageError
 from replicad.loopback import LoopbackDriver
 from replicad.merkle import Geometry
 from replicad.messages import Hint
@@ -189,3 +190,18 @@ def test_a_view_that_cannot_begin_does_not_block_growth(tmp_path: Path) -> None:
     mirror._env = real
     assert mirror._readers == 0
     mirror.close()
+
+
+def test_max_datasets_bounds_the_mirror_and_is_checked_at_open(tmp_path: Path) -> None:
+    mirror = Mirror(tmp_path / "m", durable=False, max_datasets=2)
+    mirror.ensure("a")
+    mirror.ensure("b")
+    with pytest.raises(StorageError, match="at most 2 datasets"):
+        mirror.ensure("c")
+    mirror.close()
+    with pytest.raises(StorageError, match="holds 2 datasets, more than max_datasets"):
+        Mirror(tmp_path / "m", durable=False, max_datasets=1)
+    # the refused open released the environment: a proper one opens fine
+    again = Mirror(tmp_path / "m", durable=False, max_datasets=2)
+    assert again.names() == ["a", "b"]
+    again.close()
