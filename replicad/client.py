@@ -67,6 +67,7 @@ from replicad.merkle import Digest
 from replicad.messages import (
     Cursor,
     CursorUnservable,
+    DiffPush,
     DiffResponse,
     Hint,
     MerkleLeavesResponse,
@@ -831,29 +832,41 @@ class AsyncSyncClient:
                 raise FrameTruncatedError("the snapshot stream ended before its last chunk")
 
     async def hints(
-        self, datasets: Collection[str] | None = None, *, idle_timeout: float | None = 60.0
-    ) -> AsyncGenerator[Hint, None]:
+        self,
+        datasets: Collection[str] | None = None,
+        *,
+        idle_timeout: float | None = 60.0,
+        diffs: bool = False,
+    ) -> AsyncGenerator[Hint | DiffPush, None]:
         """Follow ``GET /v1/hints``: yield a Hint per ``hint`` event (first the
         current cursor of each dataset, then each new version), for
-        ``datasets`` (all when None or empty). Ends when the origin closes the stream.
+        ``datasets`` (all when None or empty). With ``diffs``, a new version
+        whose changes are small comes as a DiffPush carrying them. Ends when
+        the origin closes the stream.
 
         The origin pings every 15 s; ``idle_timeout`` seconds without any byte
         raise OriginUnavailableError (a dead connection), None waits forever.
-        Raises ProtocolError for a malformed hint; the mapped error of an error
-        status. Wrap in ``contextlib.aclosing`` when stopping early."""
-        params = {"datasets": ",".join(datasets)} if datasets else None
+        Raises ProtocolError for a malformed hint, FrameError for a corrupt
+        pushed frame; the mapped error of an error status. Wrap in
+        ``contextlib.aclosing`` when stopping early."""
+        params = {"datasets": ",".join(datasets)} if datasets else {}
+        if diffs:
+            params["diffs"] = "1"
         timeout = httpx.Timeout(self._timeout, read=idle_timeout)
         async with self._stream(
             "GET",
             "/v1/hints",
             what="hints",
-            params=params,
+            params=params or None,
             headers={"Accept": "text/event-stream"},
             timeout=timeout,
         ) as answer:
             parser = SSEParser()
             async for chunk in answer:
                 for event in parser.feed(chunk):
+                    if event.event == "diff" and diffs:
+                        yield self._push_of(event.data)
+                        continue
                     if event.event != "hint":
                         continue
                     try:
@@ -861,6 +874,22 @@ class AsyncSyncClient:
                     except ValueError as exc:
                         raise ProtocolError(f"hint is not JSON: {event.data[:200]!r}") from exc
                     yield hint_from_json(doc)
+
+    def _push_of(self, data: str) -> DiffPush:
+        """The DiffPush in a ``diff`` event's data (a base64 frame)."""
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError as exc:
+            raise ProtocolError("diff event is not base64") from exc
+        decoder = FrameDecoder(max_frame_bytes=self.max_frame_bytes)
+        decoder.receive_data(raw)
+        frame = decoder.next_frame()
+        if frame is None or decoder.buffered:
+            raise ProtocolError("diff event does not hold exactly one frame")
+        msg = from_wire(frame.kind, frame.body)
+        if not isinstance(msg, DiffPush):
+            raise ProtocolError(f"diff event holds a {type(msg).__name__}")
+        return msg
 
     async def ack(
         self,

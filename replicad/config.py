@@ -12,6 +12,7 @@ Example ``replicad.toml``::
     max_map_size_mb = 65536
     max_body_mb = 256
     group_commit_max = 256           # write batches per LMDB transaction
+    push_max_kb = 256                # versions up to this size are pushed with their hint
     log_format = "json"              # or "text"
 
 Tokens may also come from the environment: ``REPLICAD_WRITE_TOKENS`` and
@@ -81,6 +82,9 @@ class OriginConfig:
     max_map_size_mb: int = 65536
     max_body_mb: int = 256
     group_commit_max: int = 256
+    push_max_kb: int = 256
+    """Versions whose changes total at most this many KiB are pushed to
+    subscribers that ask for diffs (0: hints only)."""
     log_format: str = "json"
     durable: bool = True
     """fsync each commit (never turn off in production; tests may)."""
@@ -98,6 +102,8 @@ class OriginConfig:
             raise ConfigError("max_body_mb must be >= 1")
         if self.group_commit_max < 1:
             raise ConfigError("group_commit_max must be >= 1")
+        if not 0 <= self.push_max_kb <= 512:
+            raise ConfigError("push_max_kb must be between 0 and 512")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
         if self.write_tokens & self.read_tokens:
@@ -145,7 +151,13 @@ def from_mapping(values: Mapping[str, Any], base: OriginConfig | None = None) ->
                     changes[key.removesuffix("_file")] = _read_tokens(str(value))
                 case "tls_cert" | "tls_key":
                     changes[key] = Path(str(value))
-                case "map_size_mb" | "max_map_size_mb" | "max_body_mb" | "group_commit_max":
+                case (
+                    "map_size_mb"
+                    | "max_map_size_mb"
+                    | "max_body_mb"
+                    | "group_commit_max"
+                    | "push_max_kb"
+                ):
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ConfigError(f"{key} must be an integer")
                     changes[key] = value

@@ -85,6 +85,7 @@ from replicad.messages import (
     EPOCH_BYTES,
     REQUEST_TYPES,
     Cursor,
+    DiffPush,
     DiffResponse,
     Hint,
     Response,
@@ -148,7 +149,7 @@ class OriginServiceLike(Protocol):
     async def get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]: ...
     async def sync(self, request: Any) -> Response: ...
     def snapshot_stream(self, request: SnapshotRequest) -> AsyncIterator[SnapshotChunk]: ...
-    def subscribe(self, datasets: Any) -> Any: ...
+    def subscribe(self, datasets: Any, *, diffs: bool = False) -> Any: ...
     def ack(
         self, replica: str, address: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any]
     ) -> None: ...
@@ -422,7 +423,9 @@ def _obj(value: Any, what: str, allowed: Iterable[str] | None = None) -> dict[An
     return value
 
 
-def _hint_event(hint: Hint) -> bytes:
+def _hint_event(hint: Hint | DiffPush) -> bytes:
+    if isinstance(hint, DiffPush):
+        return b"event: diff\ndata: " + base64.b64encode(encode_frame(*to_wire(hint))) + b"\n\n"
     data = {
         "dataset": hint.dataset,
         "epoch": hint.cursor.epoch.hex(),
@@ -848,13 +851,17 @@ class OriginApp:
     # ---------------------------------------------------------------- hints
 
     async def _h_hints(self, req: _Request) -> None:
-        values = req.query().get("datasets")
+        query = req.query()
+        values = query.get("datasets")
+        diffs = query.get("diffs", ["0"])[-1]
+        if diffs not in ("0", "1"):
+            raise HttpError(400, "bad_request", "diffs must be 0 or 1")
         names: list[str] | None = None
         if values is not None:
             names = [n for v in values for n in v.split(",") if n]
             if not names:
                 names = None
-        subscription = self.service.subscribe(names)  # UnknownDatasetError: 404
+        subscription = self.service.subscribe(names, diffs=diffs == "1")  # unknown: 404
         async with subscription as hints:
             await req.start(
                 200,
@@ -865,13 +872,13 @@ class OriginApp:
                 ],
             )
             async with trio.open_nursery() as nursery:
-                send_hint, next_hint = trio.open_memory_channel[Hint](0)
+                send_hint, next_hint = trio.open_memory_channel[Hint | DiffPush](0)
                 nursery.start_soon(self._pump_hints, hints, send_hint)
                 nursery.start_soon(self._watch_disconnect, req, nursery.cancel_scope)
                 nursery.start_soon(self._watch_closing, nursery.cancel_scope)
                 async with next_hint:
                     while True:
-                        hint: Hint | None = None
+                        hint: Hint | DiffPush | None = None
                         with trio.move_on_after(self.ping_interval):
                             hint = await next_hint.receive()
                         if hint is None:
@@ -882,7 +889,7 @@ class OriginApp:
             await req.body(b"")
 
     async def _pump_hints(
-        self, hints: AsyncIterator[Hint], out: trio.MemorySendChannel[Hint]
+        self, hints: AsyncIterator[Hint | DiffPush], out: trio.MemorySendChannel[Hint | DiffPush]
     ) -> None:
         async with out:
             async for hint in hints:

@@ -3,8 +3,11 @@
 :class:`HintHub` hands out subscriptions that never block the publisher: a
 subscriber keeps only the newest hint per dataset, so a slow reader of the
 hint stream skips versions instead of holding anything up (hints are lossy by
-design; pulls make replicas correct). :class:`Fleet` keeps the newest ack of
-every replica, bounded in size.
+design; pulls make replicas correct). The publisher may offer a
+:class:`~replicad.messages.DiffPush` (a hint carrying the version's records):
+subscribers that asked for diffs get it, merged with a pending push it
+follows (up to ``max_push_bytes``), the others get its plain hint.
+:class:`Fleet` keeps the newest ack of every replica, bounded in size.
 """
 
 from __future__ import annotations
@@ -16,29 +19,47 @@ from typing import Any
 import trio
 
 from replicad.errors import ProtocolError
-from replicad.messages import Cursor, Hint
+from replicad.messages import Cursor, DiffPush, Hint
 from replicad.origin_types import FleetEntry
+
+HintEvent = Hint | DiffPush
 
 
 class Subscription:
     """The hints of one subscriber: newest per dataset, datasets in name
     order. A plain async iterator (not a generator): abandoning it needs no
-    cleanup."""
+    cleanup. With ``diffs``, pushes are kept (a newer one that follows a
+    pending one is merged into it, up to ``max_push_bytes``; otherwise the
+    newer replaces it and the replica pulls the gap)."""
 
-    def __init__(self, names: frozenset[str] | None) -> None:
+    def __init__(
+        self, names: frozenset[str] | None, *, diffs: bool = False, max_push_bytes: int = 256 << 10
+    ) -> None:
         self.names = names
-        self._pending: dict[str, Hint] = {}
+        self.diffs = diffs
+        self.max_push_bytes = max_push_bytes
+        self._pending: dict[str, HintEvent] = {}
         self._wakeup = trio.Event()
 
-    def offer(self, hint: Hint) -> None:
-        if self.names is None or hint.dataset in self.names:
-            self._pending[hint.dataset] = hint
-            self._wakeup.set()
+    def offer(self, event: HintEvent) -> None:
+        if self.names is not None and event.dataset not in self.names:
+            return
+        if isinstance(event, DiffPush):
+            if not self.diffs:
+                event = event.hint
+            else:
+                pending = self._pending.get(event.dataset)
+                if isinstance(pending, DiffPush):
+                    merged = pending.follow(event)
+                    if merged is not None and merged.size <= self.max_push_bytes:
+                        event = merged
+        self._pending[event.dataset] = event
+        self._wakeup.set()
 
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Hint:
+    async def __anext__(self) -> HintEvent:
         while not self._pending:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -55,23 +76,28 @@ class HintHub:
     def __len__(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, hint: Hint) -> None:
+    def publish(self, event: HintEvent) -> None:
         self.published += 1
         for sub in self._subscribers:
-            sub.offer(hint)
+            sub.offer(event)
 
     def subscribe(
-        self, names: frozenset[str] | None, current: Callable[[], Iterable[Hint]]
-    ) -> AbstractAsyncContextManager[AsyncIterator[Hint]]:
+        self,
+        names: frozenset[str] | None,
+        current: Callable[[], Iterable[Hint]],
+        *,
+        diffs: bool = False,
+    ) -> AbstractAsyncContextManager[AsyncIterator[HintEvent]]:
         """A subscription that first yields ``current()`` (the cursor of each
-        dataset now), then every hint published while it is open."""
-        return self._subscription(names, current)
+        dataset now), then every hint published while it is open (pushes
+        too, with ``diffs``)."""
+        return self._subscription(names, current, diffs)
 
     @asynccontextmanager
     async def _subscription(
-        self, names: frozenset[str] | None, current: Callable[[], Iterable[Hint]]
-    ) -> AsyncGenerator[AsyncIterator[Hint], None]:
-        sub = Subscription(names)
+        self, names: frozenset[str] | None, current: Callable[[], Iterable[Hint]], diffs: bool
+    ) -> AsyncGenerator[AsyncIterator[HintEvent], None]:
+        sub = Subscription(names, diffs=diffs)
         for hint in current():
             sub.offer(hint)
         self._subscribers.add(sub)

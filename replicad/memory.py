@@ -24,7 +24,7 @@ from replicad.merkle import (
     MemoryLeafIndex,
     MerkleTree,
 )
-from replicad.messages import Cursor, MetaBlob, Record
+from replicad.messages import Cursor, DiffPush, MetaBlob, Record
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
 from replicad.version_queue import MergePolicy, VersionQueue
 
@@ -57,6 +57,8 @@ class MemoryDataset:
         self._leaves = MemoryLeafIndex(self._geometry)
         self.queue = VersionQueue(epoch, max_entries=max_entries, max_keys=max_keys, policy=policy)
         self._meta = meta or MetaBlob(1, b"")
+        self.last_push: DiffPush | None = None
+        """The last write as the origin would push it (see DiffPush)."""
 
     # --- DatasetView
 
@@ -104,14 +106,25 @@ class MemoryDataset:
         A key both upserted and deleted in one batch ends deleted. Deleting an
         absent key is recorded (replicas get a harmless tombstone).
         """
+        since = self.cursor
         touched: set[bytes] = set()
         for key, value in upserts.items():
             self._put(key, value)
             touched.add(key)
-        for key in deletes:
+        deleted = dict.fromkeys(deletes)
+        for key in deleted:
             self._put(key, None)
             touched.add(key)
         self.queue.push(self.queue.version + 1, touched)
+        self.last_push = DiffPush(
+            self._name,
+            since,
+            self.cursor,
+            self.digest,
+            tuple((k, v) for k, v in upserts.items() if k not in deleted),
+            tuple(deleted),
+            self._meta.revision,
+        )
         return self.cursor
 
     def replace_all(self, records: Mapping[bytes, bytes]) -> Cursor:

@@ -191,6 +191,56 @@ class Hint:
 
 
 @dataclass(frozen=True)
+class DiffPush:
+    """A hint that carries its diff: the records that changed in
+    ``(since, cursor]``, pushed by the origin right after the commit. A
+    replica standing exactly at ``since`` (with definition revision
+    ``meta_revision``, or taking ``meta``) applies it without a request;
+    any other replica treats it as a plain :class:`Hint` and pulls. Lossy
+    and advisory like hints: the digest check after applying keeps it honest.
+    """
+
+    dataset: str
+    since: Cursor
+    cursor: Cursor
+    digest: Digest
+    upserts: tuple[Record, ...] = ()
+    deletes: tuple[bytes, ...] = ()
+    meta_revision: int = 0
+    meta: MetaBlob | None = None
+
+    @property
+    def hint(self) -> Hint:
+        return Hint(self.dataset, self.cursor, self.digest)
+
+    @property
+    def size(self) -> int:
+        """Payload bytes (keys and values), for size limits."""
+        return sum(len(k) + len(v) for k, v in self.upserts) + sum(map(len, self.deletes))
+
+    def follow(self, later: DiffPush) -> DiffPush | None:
+        """One push equal to this one followed by ``later`` (which must start
+        where this one ends), or None if it does not."""
+        if later.dataset != self.dataset or later.since != self.cursor:
+            return None
+        gone = set(later.deletes)
+        ups = {k: v for k, v in self.upserts if k not in gone}
+        ups.update(later.upserts)
+        dels = dict.fromkeys(d for d in self.deletes if d not in ups)
+        dels.update(dict.fromkeys(later.deletes))
+        return DiffPush(
+            self.dataset,
+            self.since,
+            later.cursor,
+            later.digest,
+            tuple(ups.items()),
+            tuple(dels),
+            later.meta_revision,
+            later.meta if later.meta is not None else self.meta,
+        )
+
+
+@dataclass(frozen=True)
 class Ack:
     """A replica reports where it stands, for the origin's fleet view."""
 
@@ -201,7 +251,7 @@ class Ack:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Message: TypeAlias = Request | Response | Hint | Ack
+Message: TypeAlias = Request | Response | Hint | DiffPush | Ack
 
 
 # --- wire shapes -------------------------------------------------------------
@@ -218,6 +268,7 @@ KIND: dict[type, int] = {
     MerkleLeavesResponse: 9,
     Hint: 10,
     Ack: 11,
+    DiffPush: 12,
 }
 _BY_KIND: dict[int, type] = {v: k for k, v in KIND.items()}
 
@@ -290,6 +341,17 @@ def to_wire(msg: Message) -> tuple[int, list[Any]]:
             body = [msg.dataset, _cursor(msg.cursor), msg.digest.to_bytes(), leaves]
         case Hint():
             body = [msg.dataset, _cursor(msg.cursor), msg.digest.to_bytes()]
+        case DiffPush():
+            body = [
+                msg.dataset,
+                _cursor(msg.since),
+                _cursor(msg.cursor),
+                msg.digest.to_bytes(),
+                _records(msg.upserts),
+                list(msg.deletes),
+                msg.meta_revision,
+                _meta(msg.meta),
+            ]
         case Ack():
             body = [
                 msg.replica,
@@ -475,6 +537,23 @@ def _d_hint(b: list[Any]) -> Message:
     return Hint(_dec_str(ds, "dataset"), _dec_cursor(cur), _dec_digest(dig))
 
 
+def _d_push(b: list[Any]) -> Message:
+    ds, since, cur, dig, ups, dels, rev, meta = _list(b, "DiffPush", 8)
+    since_c, cur_c = _dec_cursor(since), _dec_cursor(cur)
+    if cur_c.epoch != since_c.epoch or cur_c.version <= since_c.version:
+        raise ProtocolError(f"DiffPush: cursor {cur_c} does not follow {since_c}")
+    return DiffPush(
+        _dec_str(ds, "dataset"),
+        since_c,
+        cur_c,
+        _dec_digest(dig),
+        _dec_records(ups),
+        _bytes_list(dels, "deletes"),
+        _int(rev, "meta_revision"),
+        _dec_meta(meta),
+    )
+
+
 def _d_ack(b: list[Any]) -> Message:
     rep, ds, cur, dig, extra = _list(b, "Ack", 5)
     extra_d = _typed(extra, dict, "extra")
@@ -499,6 +578,7 @@ _DECODERS: dict[type, Callable[[list[Any]], Message]] = {
     MerkleLeavesResponse: _d_leaves_response,
     Hint: _d_hint,
     Ack: _d_ack,
+    DiffPush: _d_push,
 }
 
 

@@ -546,13 +546,25 @@ def _paths() -> dict[str, Any]:
                         "required": False,
                         "schema": {"type": "string"},
                         "description": "Comma-separated dataset names (all when absent).",
-                    }
+                    },
+                    {
+                        "name": "diffs",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["0", "1"]},
+                        "description": (
+                            "1: a new version whose changes are small comes as "
+                            "`event: diff` carrying them (a DiffPush frame, base64)."
+                        ),
+                    },
                 ],
                 "responses": {
                     "200": {
                         "description": (
                             '`event: hint` with `data: {"dataset", "epoch", "version", '
-                            '"digest"}`, and a `: ping` comment every 15 seconds.'
+                            '"digest"}`; with `diffs=1` also `event: diff` whose data '
+                            "is a base64 DiffPush frame (docs/protocol.md); and a "
+                            "`: ping` comment every 15 seconds."
                         ),
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },

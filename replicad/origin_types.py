@@ -13,7 +13,7 @@ from typing import Any
 
 from replicad.errors import BadRequestError
 from replicad.merkle import Digest, Geometry
-from replicad.messages import Cursor
+from replicad.messages import Cursor, DiffPush
 from replicad.schema import Schema
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -111,6 +111,9 @@ class WriteResult:
     upserted: int
     deleted: int
     unchanged: int = 0
+    push: DiffPush | None = field(default=None, compare=False, repr=False)
+    """The batch's changes as the origin pushes them to replicas (None when
+    larger than the store's push limit); not part of the API answer."""
 
     def to_json(self) -> dict[str, Any]:
         return {

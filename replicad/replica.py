@@ -75,6 +75,7 @@ from replicad.merkle import (
 from replicad.messages import (
     Cursor,
     CursorUnservable,
+    DiffPush,
     DiffRequest,
     DiffResponse,
     Hint,
@@ -102,6 +103,7 @@ class SyncKind(enum.Enum):
     """What kind of sync produced an applied batch (for metrics)."""
 
     DIFF = "diff"
+    PUSH = "push"
     MERKLE = "merkle"
     SNAPSHOT = "snapshot"
 
@@ -330,6 +332,38 @@ class ReplicaSync:
             self._pull_wanted = True
         elif hint.cursor.version == self.cursor.version and hint.digest != self.digest:
             self._pull_wanted = True  # same version, other content: verify
+
+    def pushed(self, push: DiffPush, now: float) -> bool:
+        """Feed a pushed diff (a hint carrying its records). Taken -- the
+        next action is its Apply -- when the machine is idle at exactly
+        ``push.since`` with the push's definition revision (or the push
+        carries the definition); anything else treats it as a hint, so a
+        gap or a race only costs a pull. Returns True when taken."""
+        if push.dataset != self.dataset:
+            return False
+        if (
+            self.phase is Phase.IDLE
+            and self._outstanding is None
+            and self._pending is None
+            and self._retry_at is None
+            and self.cursor == push.since
+            and (push.meta is not None or push.meta_revision == self.meta_revision)
+        ):
+            self._learn(push.cursor)
+            self.phase = Phase.DIFF
+            self._pending = Apply(
+                self.dataset,
+                SyncKind.PUSH,
+                Target.LIVE,
+                push.upserts,
+                push.deletes,
+                push.cursor,
+                push.digest,
+                meta=push.meta,
+            )
+            return True
+        self.hint(push.hint, now)
+        return False
 
     def request_pull(self) -> None:
         """Ask for a pull at the next opportunity (e.g. an anti-entropy tick)."""

@@ -82,6 +82,7 @@ async def serve(
         map_size=config.map_size_mb << 20,
         max_map_size=config.max_map_size_mb << 20,
         durable=config.durable,
+        push_max_bytes=config.push_max_kb << 10,
     )
     service: OriginService | None = None
     try:

@@ -35,6 +35,7 @@ from replicad.errors import ReplicadError
 from replicad.hub import Fleet, HintHub
 from replicad.messages import (
     Cursor,
+    DiffPush,
     DiffRequest,
     Hint,
     MerkleLeavesRequest,
@@ -135,9 +136,16 @@ class OriginService:
         self._m_commit.observe(time.perf_counter() - start)
         self._m_group.observe(len(group))
         written: dict[str, WriteResult] = {}
+        pushes: dict[str, DiffPush | None] = {}
         for pending, result in zip(group, results, strict=True):
             pending.result = result
             if isinstance(result, WriteResult):
+                if result.dataset in written:
+                    pushes[result.dataset] = _follow(
+                        pushes[result.dataset], result.push, self.store.push_max_bytes
+                    )
+                else:
+                    pushes[result.dataset] = result.push
                 written[result.dataset] = result
                 self._m_batches.inc(1, "committed")
                 self._m_records.inc(result.upserted, "upsert")
@@ -145,12 +153,13 @@ class OriginService:
             else:
                 self._m_batches.inc(1, "rejected")
             pending.done.set()
-        for result in written.values():
-            self._publish(Hint(result.dataset, result.cursor, result.digest))
+        for name, result in written.items():
+            push = pushes.get(name)
+            self._publish(push or Hint(result.dataset, result.cursor, result.digest))
 
-    def _publish(self, hint: Hint) -> None:
+    def _publish(self, event: Hint | DiffPush) -> None:
         self._m_hints.inc()
-        self._hints.publish(hint)
+        self._hints.publish(event)
 
     def close(self) -> None:
         """Close the store (saving the Merkle trees for a fast restart)."""
@@ -225,17 +234,20 @@ class OriginService:
     # ------------------------------------------------------------ hints
 
     def subscribe(
-        self, datasets: Collection[str] | None
-    ) -> AbstractAsyncContextManager[AsyncIterator[Hint]]:
+        self, datasets: Collection[str] | None, *, diffs: bool = False
+    ) -> AbstractAsyncContextManager[AsyncIterator[Hint | DiffPush]]:
         """``async with service.subscribe(names) as hints: async for hint in
         hints`` -- first the current cursor of each dataset, then every new
-        one (coalesced per dataset for a slow reader). UnknownDatasetError for
-        an unknown name."""
+        one (coalesced per dataset for a slow reader); with ``diffs``, a new
+        version comes as a DiffPush carrying its records when they fit the
+        store's push limit. UnknownDatasetError for an unknown name."""
         names = None if datasets is None else frozenset(datasets)
         for name in names or ():
             self.store.check(name)
         return self._hints.subscribe(
-            names, lambda: [Hint(i.name, i.cursor, i.digest) for i in self.store.infos()]
+            names,
+            lambda: [Hint(i.name, i.cursor, i.digest) for i in self.store.infos()],
+            diffs=diffs,
         )
 
     # ------------------------------------------------------------ fleet
@@ -261,3 +273,12 @@ class OriginService:
         if current.epoch != cursor.epoch:
             return None
         return max(0, current.version - cursor.version)
+
+
+def _follow(so_far: DiffPush | None, nxt: DiffPush | None, limit: int) -> DiffPush | None:
+    """The group's pushes of one dataset merged in commit order; None as
+    soon as one batch has none (too large) or the merge outgrows ``limit``."""
+    if so_far is None or nxt is None:
+        return None
+    merged = so_far.follow(nxt)
+    return merged if merged is not None and merged.size <= limit else None

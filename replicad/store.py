@@ -67,6 +67,7 @@ from replicad.lmdb_scan import scan_after, with_prefix
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import (
     Cursor,
+    DiffPush,
     MerkleNodesRequest,
     MetaBlob,
     Record,
@@ -175,9 +176,13 @@ class OriginStore:
         durable: bool = True,
         max_readers: int = 256,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        push_max_bytes: int = 256 << 10,
     ) -> None:
         self.path = Path(path)
         self.max_map_size = max(max_map_size, map_size)
+        self.push_max_bytes = push_max_bytes
+        """Batches whose changes (keys and values) exceed this many bytes
+        carry no :class:`~replicad.messages.DiffPush` (0: never push)."""
         self._random_bytes = random_bytes
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -634,6 +639,13 @@ class OriginStore:
                 for name, p in pending.items()
                 if p.definition is not None
             }
+            for i, result in enumerate(results):
+                if isinstance(result, WriteResult) and result.push is not None:
+                    p = pending[result.dataset]
+                    push = replace(
+                        result.push, meta_revision=p.revision, meta=blobs.get(result.dataset)
+                    )
+                    results[i] = replace(result, push=push)
             with self._state_lock:
                 txn.commit()
                 try:
@@ -709,6 +721,7 @@ class OriginStore:
             touched.append(key)
             deleted += 1
         queue = p.queue.copy() if p.queue is ds.queue else p.queue
+        since = Cursor(queue.epoch, queue.version)
         delta = queue.push(queue.version + 1, touched)
         for version in delta.removed:
             txn.delete(_VERSION.pack(version), db=ds.queue_db)
@@ -716,9 +729,26 @@ class OriginStore:
             txn.put(_VERSION.pack(entry.version), encode_entry(entry), db=ds.queue_db)
         p.queue = queue
         p.digest = Digest(p.digest.count + count, p.digest.xor ^ xor)
-        return WriteResult(
-            ds.name, Cursor(queue.epoch, queue.version), p.digest, upserted, deleted, unchanged
-        )
+        cursor = Cursor(queue.epoch, queue.version)
+        push = None
+        if self.push_max_bytes:
+            encoded = item.encoded
+            size = 0
+            ups: list[Record] = []
+            dels: list[bytes] = []
+            for key in touched:
+                current = encoded.get(key)
+                if current is None:
+                    dels.append(key)
+                    size += len(key)
+                else:
+                    ups.append((key, current))
+                    size += len(key) + len(current)
+                if size > self.push_max_bytes:
+                    break
+            else:
+                push = DiffPush(ds.name, since, cursor, p.digest, tuple(ups), tuple(dels))
+        return WriteResult(ds.name, cursor, p.digest, upserted, deleted, unchanged, push=push)
 
     def _with_growth(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` (a whole write transaction); on MDB_MAP_FULL grow the

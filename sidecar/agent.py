@@ -31,7 +31,15 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from replicad.errors import ProtocolError, ReplicadError, StorageError
-from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
+from replicad.messages import (
+    Cursor,
+    DiffPush,
+    Hint,
+    Request,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
 from replicad.metrics import Registry
 from replicad.progress import Progress
 from replicad.replica import Apply, ReplicaSync, Send, SyncConfig, Target, Wait
@@ -47,7 +55,9 @@ class SyncTransport(Protocol):
 
     def snapshot_stream(self, req: SnapshotRequest) -> AsyncIterator[SnapshotChunk]: ...
 
-    def hints(self, datasets: Collection[str] | None = None) -> AsyncIterator[Hint]: ...
+    def hints(
+        self, datasets: Collection[str] | None = None, *, diffs: bool = False
+    ) -> AsyncIterator[Hint | DiffPush]: ...
 
     async def ack(
         self, replica: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any] | None = None
@@ -69,6 +79,9 @@ class AgentSettings:
     """Ready only while every dataset synced within this many seconds."""
     hints: bool = True
     """Follow the origin's hint stream (off: the safety poll alone)."""
+    push: bool = True
+    """Ask the hint stream for pushed diffs (small versions arrive with their
+    records: applied without a request)."""
 
 
 class BootstrapProgress:
@@ -135,8 +148,11 @@ class DatasetSync:
         self.on_applied: Callable[[str], None] | None = None
         """Called (in trio) after a batch that changed what readers see."""
 
-    def hint(self, hint: Hint) -> None:
-        self.sync.hint(hint, trio.current_time())
+    def hint(self, hint: Hint | DiffPush) -> None:
+        if isinstance(hint, DiffPush):
+            self.sync.pushed(hint, trio.current_time())
+        else:
+            self.sync.hint(hint, trio.current_time())
         self._wake.set()
 
     def pull_now(self) -> None:
@@ -303,7 +319,8 @@ class Agent:
         while True:
             self.metrics.hint_reconnects.inc()
             try:
-                async with _closing(self.transport.hints(names)) as hints:
+                stream = self.transport.hints(names, diffs=self.settings.push)
+                async with _closing(stream) as hints:
                     async for hint in hints:
                         failures = 0
                         ds = self.datasets.get(hint.dataset)

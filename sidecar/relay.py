@@ -33,10 +33,11 @@ import trio
 
 from replicad.codec import DatasetCodec
 from replicad.errors import AuthError, UnknownDatasetError
-from replicad.hub import Fleet, HintHub
+from replicad.hub import Fleet, HintEvent, HintHub
 from replicad.merkle import Geometry
 from replicad.messages import (
     Cursor,
+    DiffPush,
     Hint,
     MerkleNodesRequest,
     Request,
@@ -67,8 +68,11 @@ class RelayService:
         responder: ResponderConfig | None = None,
         clock: Callable[[], float] = time.time,
         max_entries: int = 1024,
+        push_max_bytes: int = 256 << 10,
     ) -> None:
         self.mirror = mirror
+        self.push_max_bytes = push_max_bytes
+        self._pushes: dict[str, DiffPush] = {}
         self.registry = registry or Registry()
         self.responder = responder or ResponderConfig()
         self.clock = clock
@@ -100,7 +104,8 @@ class RelayService:
         if batch.cursor is None:  # a staged snapshot chunk: nothing visible yet
             return
         queue = self._queues.get(name)
-        simple = batch.kind is SyncKind.DIFF and batch.target is Target.LIVE
+        simple = batch.kind in (SyncKind.DIFF, SyncKind.PUSH) and batch.target is Target.LIVE
+        self._pushes.pop(name, None)
         if (
             simple
             and queue is not None
@@ -110,9 +115,24 @@ class RelayService:
             if batch.cursor.version > queue.version:
                 keys = [k for k, _ in batch.upserts]
                 keys.extend(batch.deletes)
+                since = Cursor(queue.epoch, queue.version)
                 queue = queue.copy()
                 queue.advance(batch.cursor.version, keys)
                 self._queues[name] = queue
+                push = DiffPush(
+                    name,
+                    since,
+                    batch.cursor,
+                    batch.expected_digest or self.mirror.digest(name),
+                    tuple(batch.upserts),
+                    tuple(batch.deletes),
+                    batch.meta.revision
+                    if batch.meta is not None
+                    else self.mirror.state(name).meta_revision,
+                    batch.meta,
+                )
+                if push.size <= self.push_max_bytes and batch.expected_digest is not None:
+                    self._pushes[name] = push  # published by publish(), in trio
             return
         self._reset_queue(name)
 
@@ -122,7 +142,11 @@ class RelayService:
         cursor = self.mirror.cursor(name)
         if cursor is None:
             return
-        self._hints.publish(Hint(name, cursor, self.mirror.digest(name)))
+        push = self._pushes.pop(name, None)
+        if push is not None and push.cursor == cursor:
+            self._hints.publish(push)
+        else:
+            self._hints.publish(Hint(name, cursor, self.mirror.digest(name)))
 
     # --- datasets
 
@@ -224,12 +248,14 @@ class RelayService:
     # --- hints
 
     def subscribe(
-        self, datasets: Collection[str] | None
-    ) -> AbstractAsyncContextManager[AsyncIterator[Hint]]:
+        self, datasets: Collection[str] | None, *, diffs: bool = False
+    ) -> AbstractAsyncContextManager[AsyncIterator[HintEvent]]:
+        """Hints of the relay's mirror; with ``diffs``, a version the relay
+        applied as a diff or push is passed on as a push."""
         names = None if datasets is None else frozenset(datasets)
         for name in names or ():
             self._known(name)
-        return self._hints.subscribe(names, self._current_hints)
+        return self._hints.subscribe(names, self._current_hints, diffs=diffs)
 
     def _current_hints(self) -> list[Hint]:
         out = []

@@ -13,7 +13,15 @@ import pytest
 import trio
 
 from replicad.errors import OriginUnavailableError
-from replicad.messages import Cursor, Hint, Request, Response, SnapshotChunk, SnapshotRequest
+from replicad.messages import (
+    Cursor,
+    DiffPush,
+    Hint,
+    Request,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
 from replicad.origin_types import DatasetSpec, WriteBatch
 from replicad.replica import SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
@@ -30,6 +38,7 @@ class ServiceTransport:
     def __init__(self, service: OriginService) -> None:
         self.service = service
         self.hints_on = True
+        self.push_on = True
         self.acks: list[tuple[str, dict[str, Cursor]]] = []
         self.requests = 0
 
@@ -43,10 +52,12 @@ class ServiceTransport:
             async for chunk in chunks:
                 yield chunk
 
-    async def hints(self, datasets: Collection[str] | None = None) -> AsyncGenerator[Hint, None]:
+    async def hints(
+        self, datasets: Collection[str] | None = None, *, diffs: bool = False
+    ) -> AsyncGenerator[Hint | DiffPush, None]:
         if not self.hints_on:
             raise OriginUnavailableError("hints are cut")
-        async with self.service.subscribe(datasets) as hints:
+        async with self.service.subscribe(datasets, diffs=diffs and self.push_on) as hints:
             async for hint in hints:
                 if not self.hints_on:
                     raise OriginUnavailableError("hints are cut")
@@ -108,6 +119,48 @@ async def test_the_agent_bootstraps_follows_hints_and_acks(paths: tuple[Path, Pa
         assert status["lag"] == 0 and status["ready"] and status["syncs"]["snapshot"] == 1
         text = agent.registry.render()
         assert 'sidecar_lag_versions{dataset="up"} 0' in text
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+@pytest.mark.parametrize("push", [True, False])
+async def test_small_versions_arrive_pushed_without_a_request(
+    paths: tuple[Path, Path], push: bool
+) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    transport = ServiceTransport(service)
+    transport.push_on = push
+    settings = AgentSettings(
+        datasets=("up",), replica_id="p", sync=SyncConfig(poll_interval=60.0), ack_interval=60
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(50)})
+        )
+        agent = Agent(mirror, transport, settings, rng=random.Random(1))
+        await nursery.start(agent.run)
+        await wait_until(agent.ready)
+        requests = transport.requests
+        for i in range(30):
+            record = seed_like_record(2000 + i)
+            if i % 10 == 0:
+                record["city"] = f"New City {i}"  # grows the dictionary: the push carries it
+            result = await service.write(
+                WriteBatch("up", {b"u%04d" % i: record}, [b"u%04d" % (49 - i)])
+            )
+            await wait_until(lambda r=result: mirror.cursor("up") == r.cursor, timeout=5)
+        assert mirror.items("up") == records(store)
+        syncs = agent.status()["up"]["syncs"]
+        if push:
+            assert transport.requests == requests  # every version came pushed
+            assert syncs["push"] == 30
+        else:
+            assert transport.requests >= requests + 30 and "push" not in syncs
         nursery.cancel_scope.cancel()
     mirror.close()
     store.close()

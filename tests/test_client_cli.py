@@ -60,6 +60,7 @@ from replicad.merkle import EMPTY_DIGEST, Digest, Geometry, LeafQuery, NodeQuery
 from replicad.messages import (
     Cursor,
     CursorUnservable,
+    DiffPush,
     DiffRequest,
     DiffResponse,
     Hint,
@@ -840,7 +841,7 @@ async def test_sync_client_hints_follow_writes(origin: Origin) -> None:
     async with AsyncSyncClient(origin.url) as client:
         with trio.fail_after(15):
             async with aclosing(client.hints(["hinted"])) as hints:
-                seen: list[Hint] = []
+                seen: list[Hint | DiffPush] = []
                 async for hint in hints:
                     seen.append(hint)
                     if len(seen) == 1:
@@ -858,12 +859,43 @@ async def test_sync_client_hints_follow_writes(origin: Origin) -> None:
 
 
 @needs_server
+@pytest.mark.trio
+async def test_sync_client_hints_with_diffs_carry_the_records(origin: Origin) -> None:
+    with OriginClient(origin.url) as writer:
+        writer.create_dataset("pushed", SCHEMA_DOC)
+        writer.write("pushed", {"a": {"age": 1, "city": "x"}, "gone": {"age": 0, "city": "x"}})
+        start = writer.dataset("pushed")
+
+    def write_one() -> None:
+        with OriginClient(origin.url) as w:
+            w.write("pushed", {"b": {"age": 2, "city": "new-city"}}, deletes=["gone"])
+
+    async with AsyncSyncClient(origin.url) as client:
+        with trio.fail_after(15):
+            async with aclosing(client.hints(["pushed"], diffs=True)) as hints:
+                first = await anext(hints)
+                assert isinstance(first, Hint)  # the current cursor is a plain hint
+                await trio.to_thread.run_sync(write_one)
+                push = await anext(hints)
+        assert isinstance(push, DiffPush)
+        assert push.since == first.cursor and push.cursor.version == start["version"] + 1
+        assert [k for k, _ in push.upserts] == [b"b"] and push.deletes == (b"gone",)
+        assert push.meta is not None  # "new-city" grew the dictionary
+        answer = await client.request(DiffRequest("pushed", first.cursor, push.meta.revision))
+        assert isinstance(answer, DiffResponse)
+        assert dict(answer.upserts) == dict(push.upserts) and answer.digest == push.digest
+    # a bad value of the flag is a clear 400
+    r = httpx.get(origin.url + "/v1/hints?diffs=yes", timeout=10)
+    assert r.status_code == 400 and "diffs must be 0 or 1" in r.text
+
+
+@needs_server
 def test_sync_client_also_runs_under_asyncio(origin: Origin) -> None:
     with OriginClient(origin.url) as writer:
         writer.create_dataset("on-asyncio", {"fields": [{"name": "a", "type": "int"}]})
         writer.write("on-asyncio", {"k": {"a": 1}})
 
-    async def follow() -> tuple[Hint, Any]:
+    async def follow() -> tuple[Hint | DiffPush, Any]:
         async with AsyncSyncClient(origin.url) as client:
             async with aclosing(client.hints(["on-asyncio"])) as hints:
                 first = await anext(hints)
@@ -943,3 +975,7 @@ def test_cli_serve_reports_config_errors(
     assert "replicad: error: cannot read config" in capsys.readouterr().err
     assert main(["serve", "--data", str(tmp_path), "--tls-cert", "c.pem"]) == 1
     assert "tls_cert and tls_key must be set together" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("push_max_kb = 4096\n")
+    assert main(["serve", "--config", str(bad)]) == 1
+    assert "push_max_kb must be between 0 and 512" in capsys.readouterr().err

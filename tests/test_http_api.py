@@ -931,7 +931,7 @@ class FakeService:
         assert self.fail is not None
         raise self.fail
 
-    def subscribe(self, datasets: Any) -> Any:
+    def subscribe(self, datasets: Any, *, diffs: bool = False) -> Any:
         @asynccontextmanager
         async def sub() -> AsyncIterator[AsyncIterator[Hint]]:
             async def hints() -> AsyncIterator[Hint]:

@@ -18,6 +18,7 @@ from replicad.messages import (
     Ack,
     Cursor,
     CursorUnservable,
+    DiffPush,
     DiffRequest,
     DiffResponse,
     Hint,
@@ -51,6 +52,8 @@ SAMPLES: list[Message] = [
     MerkleNodesResponse("ds", C, D, NodeAnswer(0, 2, ((b"12345678", b"abcdefgh"),)), (16, 4)),
     MerkleLeavesResponse("ds", C, D, LeafAnswer(((3, [(b"k", 2**100)]), (4, [])))),
     Hint("ds", C, D),
+    DiffPush("ds", C, Cursor(C.epoch, 44), D, ((b"k", b"v"),), (b"gone",), 3, None),
+    DiffPush("ds", C, Cursor(C.epoch, 43), D, (), (), 0, MetaBlob(4, b"def")),
     Ack("sidecar-1", "ds", C, D, {"lag": 0}),
 ]
 
@@ -114,3 +117,31 @@ msgpackable: st.SearchStrategy[Any] = st.recursive(
 def test_arbitrary_bodies_never_raise_anything_but_protocol_error(kind: int, body: Any) -> None:
     with contextlib.suppress(ProtocolError):
         from_wire(kind, body)
+
+
+def test_a_push_must_move_forward_in_one_epoch() -> None:
+    body = to_wire(DiffPush("ds", C, Cursor(C.epoch, 43), D))[1]
+    body[2] = [C.epoch, 42]
+    with pytest.raises(ProtocolError, match="does not follow"):
+        from_wire(KIND[DiffPush], body)
+    body[2] = [b"f" * 16, 50]
+    with pytest.raises(ProtocolError, match="does not follow"):
+        from_wire(KIND[DiffPush], body)
+    with pytest.raises(ProtocolError):
+        from_wire(KIND[DiffPush], body[:7])
+
+
+def test_following_pushes_merge_into_one_with_the_later_values() -> None:
+    c1, c2, c3 = (Cursor(C.epoch, v) for v in (43, 44, 45))
+    first = DiffPush("ds", C, c1, D, ((b"a", b"1"), (b"b", b"1")), (b"x",), 1)
+    second = DiffPush("ds", c1, c2, D, ((b"a", b"2"), (b"x", b"2")), (b"b",), 2, MetaBlob(2, b"m"))
+    merged = first.follow(second)
+    assert merged is not None
+    assert merged.since == C and merged.cursor == c2 and merged.meta == MetaBlob(2, b"m")
+    assert dict(merged.upserts) == {b"a": b"2", b"x": b"2"}
+    assert set(merged.deletes) == {b"b"}
+    assert merged.meta_revision == 2
+    assert first.follow(DiffPush("ds", c2, c3, D)) is None  # a gap
+    assert first.follow(DiffPush("other", c1, c2, D)) is None
+    assert merged.hint == Hint("ds", c2, D)
+    assert first.size == 1 + 1 + 1 + 1 + 1

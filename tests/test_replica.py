@@ -15,7 +15,7 @@ from replicad.errors import SyncUsageError
 from replicad.loopback import LoopbackDriver as Driver
 from replicad.memory import MemoryDataset, MemoryMirror
 from replicad.merkle import Geometry, MerkleTree
-from replicad.messages import Cursor, Hint
+from replicad.messages import Cursor, DiffPush, Hint, MetaBlob
 from replicad.replica import Apply, Phase, ReplicaSync, Send, SyncConfig, Wait
 from replicad.responder import ResponderConfig, respond, snapshot_chunk
 from replicad.version_queue import policy_by_name
@@ -122,6 +122,89 @@ def test_hints_coalesce_into_one_pull() -> None:
         sync.hint(Hint("ds", origin.cursor, origin.digest), 0.5)
     driver.run(0.5)
     assert driver.requests == before + 1
+    assert_same(mirror, origin)
+
+
+def last_push(origin: MemoryDataset) -> DiffPush:
+    assert origin.last_push is not None
+    return origin.last_push
+
+
+def test_a_push_at_our_cursor_applies_without_a_request() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    before = driver.requests
+    for i in range(5):
+        origin.write({b"k00001": b"new%d" % i, b"fresh%d" % i: b"x"}, [b"k%05d" % (i + 2)])
+        assert sync.pushed(last_push(origin), 0.1 + i)
+        driver.run(0.1 + i)
+        assert_same(mirror, origin)
+    assert driver.requests == before
+    assert sync.stats.syncs["push"] == 5
+
+
+def test_a_push_that_does_not_start_at_our_cursor_is_a_hint() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"missed": b"1"})
+    origin.write({b"seen": b"2"})
+    assert not sync.pushed(last_push(origin), 0.1)  # a gap: since is not our cursor
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.request_kinds[-1] == "DiffRequest"
+    assert "push" not in sync.stats.syncs
+    # a push for another dataset is ignored altogether
+    assert not sync.pushed(DiffPush("other", origin.cursor, Cursor(EPOCH_A, 99), origin.digest), 1)
+    assert driver.run(1.0).deadline is not None
+
+
+def test_a_push_under_another_definition_revision_pulls_unless_it_carries_it() -> None:
+    origin = make_origin(5)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.set_meta(b"v2")
+    origin.write({b"a": b"1"})
+    assert not sync.pushed(last_push(origin), 0.1)  # revision 2, we hold 1
+    driver.run(0.1)
+    assert sync.meta_revision == 2 and mirror.meta == MetaBlob(2, b"v2")
+    origin.set_meta(b"v3")
+    origin.write({b"b": b"1"})
+    push = last_push(origin)
+    with_meta = DiffPush(
+        push.dataset, push.since, push.cursor, push.digest, push.upserts, push.deletes, 3,
+        MetaBlob(3, b"v3"),
+    )  # fmt: skip
+    before = driver.requests
+    assert sync.pushed(with_meta, 0.2)
+    driver.run(0.2)
+    assert driver.requests == before and sync.meta_revision == 3
+    assert_same(mirror, origin)
+
+
+def test_a_push_while_busy_is_a_hint_and_a_lying_push_is_repaired() -> None:
+    origin = make_origin(30)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    sync.request_pull()
+    action = sync.next_action(0.1)  # a DiffRequest is now outstanding
+    assert not sync.pushed(last_push(origin), 0.1)
+    assert sync.busy
+    sync.failed("dropped", 0.1)
+    driver.run(5.0)
+    assert_same(mirror, origin)
+    assert action is not None
+    # a push whose records do not produce its digest: rolled back, repaired
+    origin.write({b"b": b"2"})
+    push = last_push(origin)
+    lie = DiffPush(
+        push.dataset, push.since, push.cursor, push.digest, ((b"b", b"3"),), (), push.meta_revision
+    )
+    assert sync.pushed(lie, 6.0)
+    driver.run(6.0)
+    assert sync.stats.digest_mismatches == 1
     assert_same(mirror, origin)
 
 
@@ -334,6 +417,7 @@ op_st = st.one_of(
     st.tuples(st.just("crash")),
     st.tuples(st.just("sync"), st.integers(min_value=0, max_value=6)),
     st.tuples(st.just("corrupt"), keys_st),
+    st.tuples(st.just("push"), st.integers(min_value=0, max_value=50)),
 )
 
 
@@ -358,8 +442,12 @@ def test_replica_only_shows_origin_states_and_converges(
     history: dict[Cursor, dict[bytes, bytes]] = {origin.cursor: {}}
     epochs = iter([bytes([i]) * 16 for i in range(1, 200)])
 
+    pushes: list[DiffPush] = []
+
     def record() -> None:
         history[origin.cursor] = dict(origin.records)
+        if origin.last_push is not None and origin.last_push.cursor == origin.cursor:
+            pushes.append(origin.last_push)
 
     mirror = MemoryMirror(SMALL)
     rng = random.Random(seed)
@@ -413,6 +501,12 @@ def test_replica_only_shows_origin_states_and_converges(
                     check_visible()
                     if wait.deadline is not None:
                         now = max(now, wait.deadline)
+            case ("push", back):
+                # the newest push, or a late/duplicated older one
+                if pushes:
+                    sync.pushed(pushes[max(0, len(pushes) - 1 - int(back) % 4)], now)  # type: ignore[call-overload]
+                    wait = driver.run(now, max_steps=2_000)
+                    check_visible()
             case ("corrupt", key):
                 assert isinstance(key, bytes)
                 k = key
