@@ -414,6 +414,39 @@ class MerkleTree:
             dc += 1
         self._apply(leaf, delta, dc)
 
+    def update_leaves(self, changes: Iterable[tuple[int, int | None, int | None]]) -> None:
+        """:meth:`update_leaf` for many ``(leaf, old hash, new hash)``
+        changes, in order, in one call (a snapshot chunk's worth). Raises
+        :class:`MerkleError` like :meth:`update_leaf`; the changes before the
+        offending one stay applied."""
+        counts, xors, dirty = self._counts, self._xors, self._dirty
+        size = len(counts)
+        count, xor = self._count, self._xor
+        try:
+            for leaf, old_hash, new_hash in changes:
+                if not 0 <= leaf < size:
+                    raise MerkleError(f"no leaf {leaf!r}")
+                if old_hash is None:
+                    delta, dc = 0, 0
+                else:
+                    delta, dc = old_hash, -1
+                if new_hash is not None:
+                    delta ^= new_hash
+                    dc += 1
+                if dc:
+                    c = counts[leaf] + dc
+                    if c < 0:
+                        raise MerkleError(
+                            f"delete from empty leaf {leaf}: old hash is not in the tree"
+                        )
+                    counts[leaf] = c
+                    count += dc
+                xors[leaf] ^= delta
+                xor ^= delta
+                dirty[leaf] = 1
+        finally:
+            self._count, self._xor = count, xor
+
     def _apply(self, leaf: int, delta: int, dc: int) -> None:
         if dc:
             c = self._counts[leaf] + dc

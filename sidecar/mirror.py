@@ -49,7 +49,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -548,9 +548,7 @@ class Mirror:
             raise
         with self._state_lock:
             txn.commit()
-            update_leaf = target.tree.update_leaf
-            for leaf, old_h, new_h in changes:
-                update_leaf(leaf, old_h, new_h)
+            target.tree.update_leaves(changes)
             if batch.target is Target.LIVE:
                 ds.cursor, ds.synced_at = batch.cursor, now
                 if batch.meta is not None:
@@ -583,7 +581,25 @@ class Mirror:
         shift = 64 - (gen.tree.geometry.leaves.bit_length() - 1)
         records, leaves = gen.records, gen.leaves
         replace, put, pack = txn.replace, txn.put, _LEAF.pack
-        for key, value in batch.upserts:
+        upserts: Iterable[tuple[bytes, bytes]] = batch.upserts
+        if batch.target is Target.STAGING and not batch.promote:
+            # a snapshot chunk: its keys are new to staging (chunks do not
+            # overlap), so insert without reading old values, and add the
+            # leaf index rows in one call; a key already there (a server
+            # repeating itself) takes the general path below
+            again: list[tuple[bytes, bytes]] = []
+            rows: list[tuple[bytes, bytes]] = []
+            for key, value in upserts:
+                if not put(key, value, db=records, overwrite=False):
+                    again.append((key, value))
+                    continue
+                leaf = xxh3_64_intdigest(key) >> shift
+                new_h = entry_hash(key, value)
+                rows.append((pack(leaf) + key, new_h.to_bytes(16, "big")))
+                changes.append((leaf, None, new_h))
+            txn.cursor(db=leaves).putmulti(rows)
+            upserts = again
+        for key, value in upserts:
             old = replace(key, value, db=records)
             if old == value:
                 continue

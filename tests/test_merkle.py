@@ -629,3 +629,38 @@ def test_answer_leaves_errors() -> None:
         with pytest.raises(MerkleError):
             answer_leaves(index, q)
     assert answer_leaves(index, LeafQuery((0, 63))).entries == ((0, []), (63, []))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 15), st.booleans(), st.booleans(), st.integers(1, 2**128 - 1)),
+        max_size=60,
+    )
+)
+def test_update_leaves_equals_update_leaf_one_by_one(
+    ops: list[tuple[int, bool, bool, int]],
+) -> None:
+    geometry = Geometry(fanout=4, depth=2)
+    one, many = MerkleTree(geometry), MerkleTree(geometry)
+    live: dict[int, list[int]] = {}
+    changes: list[tuple[int, int | None, int | None]] = []
+    for leaf, remove, add, h in ops:
+        old = live[leaf].pop() if remove and live.get(leaf) else None
+        new = h if add else None
+        if new is not None:
+            live.setdefault(leaf, []).append(new)
+        changes.append((leaf, old, new))
+        one.update_leaf(leaf, old, new)
+    many.update_leaves(changes)
+    assert many.digest == one.digest and many.root() == one.root()
+
+
+def test_update_leaves_stops_at_a_bad_change_with_the_earlier_ones_applied() -> None:
+    tree = MerkleTree(Geometry(fanout=4, depth=2))
+    with pytest.raises(MerkleError, match="no leaf"):
+        tree.update_leaves([(1, None, 5), (99, None, 6)])
+    assert tree.digest == Digest(1, 5)
+    with pytest.raises(MerkleError, match="delete from empty leaf"):
+        tree.update_leaves([(2, None, 7), (3, 9, None)])
+    assert tree.digest == Digest(2, 5 ^ 7)

@@ -205,3 +205,32 @@ def test_max_datasets_bounds_the_mirror_and_is_checked_at_open(tmp_path: Path) -
     again = Mirror(tmp_path / "m", durable=False, max_datasets=2)
     assert again.names() == ["a", "b"]
     again.close()
+
+
+def test_a_snapshot_chunk_repeating_a_staged_key_keeps_the_tree_true(tmp_path: Path) -> None:
+    from replicad.merkle import Digest, entry_hash
+    from replicad.messages import Cursor
+    from replicad.replica import Apply, SnapshotProgress, SyncKind, Target
+
+    mirror = Mirror(tmp_path / "m", durable=False)
+    handle = mirror.ensure("d")
+    base = Cursor(b"e" * 16, 3)
+
+    def chunk(records: tuple[tuple[bytes, bytes], ...], *, reset: bool, after: bytes) -> Apply:
+        return Apply(
+            "d", SyncKind.SNAPSHOT, Target.STAGING, records, (), None, None,
+            reset_staging=reset, progress=SnapshotProgress(base, after),
+        )  # fmt: skip
+
+    assert handle.apply(chunk(((b"a", b"1"), (b"b", b"2")), reset=True, after=b"b"))
+    # a server repeating "b" with another value: the general path replaces it
+    assert handle.apply(chunk(((b"b", b"3"), (b"c", b"4")), reset=False, after=b"c"))
+    h = {k: entry_hash(k, v) for k, v in ((b"a", b"1"), (b"b", b"3"), (b"c", b"4"))}
+    expected = Digest(3, h[b"a"] ^ h[b"b"] ^ h[b"c"])
+    final = Apply(
+        "d", SyncKind.SNAPSHOT, Target.STAGING, (), (), base, expected, promote=True,
+    )  # fmt: skip
+    assert handle.apply(final)
+    assert mirror.items("d") == {b"a": b"1", b"b": b"3", b"c": b"4"}
+    assert mirror.digest("d") == expected
+    mirror.close()
