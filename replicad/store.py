@@ -2,22 +2,32 @@
 
 Theory of operation
 -------------------
-One LMDB environment (``DATA/origin.lmdb``) holds every dataset:
+Two LMDB environments. ``DATA/origin.lmdb`` (durable: fsync on commit)
+holds every dataset's truth:
 
 ==================  =========================================================
 named database      contents
 ==================  =========================================================
-``meta``            ``ds/<name>``: the dataset's definition (schemas,
-                    dictionary, Merkle geometry, queue policy and bounds);
-                    ``st/<name>``: its state (epoch, version, queue floor,
-                    digest, meta revision); ``tree/<name>``: the Merkle tree
-                    saved at a clean shutdown, with the version it describes
-``r/<name>``        records: key ``leaf (4 bytes BE) + key`` -> value bytes
-                    (the codec's canonical encoding). Prefixing the Merkle
-                    leaf makes a leaf listing one range scan and a tree
-                    rebuild one pass, with no second index to write.
+``meta``            ``format``: 2; ``ds/<name>``: the dataset's definition
+                    (schemas, dictionary, Merkle geometry, queue policy and
+                    bounds); ``st/<name>``: its state (epoch, version, queue
+                    floor, digest, meta revision); ``tree/<name>``: the Merkle
+                    tree saved at a clean shutdown, with the version it
+                    describes; ``clean``: present only between a clean
+                    shutdown and the next start
+``r/<name>``        records: key -> value bytes (the codec's canonical
+                    encoding), in key order, so loads of ordered keys append
 ``q/<name>``        version queue entries: ``version (8 bytes BE)`` -> entry
 ==================  =========================================================
+
+``DATA/index.lmdb`` holds ``l/<name>``: ``leaf (4 bytes BE) + key`` -> entry
+hash (16 bytes BE), the Merkle leaf listing. Keys hash to leaves, so its
+writes scatter over the whole B-tree; it is derived data, so it is written in
+the same commit but never fsynced (it would multiply the pages each durable
+commit must flush). It is trusted only after a clean shutdown (the ``clean``
+marker, consumed at start); after a crash it is rebuilt from the records, in
+the same pass that rebuilds the Merkle tree. (Format 1 stores, whose record
+keys carried the leaf prefix, are converted at start.)
 
 Writes (:meth:`OriginStore.commit`) take a group of batches and run them in
 one write transaction: encode every record first (a batch that fails
@@ -45,6 +55,7 @@ import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +112,9 @@ dropped (replicas that old repair with Merkle). Entries larger than the
 biggest diff the responder ships would be useless anyway."""
 _LEAF = struct.Struct(">I")
 _VERSION = struct.Struct(">Q")
+FORMAT = 2
+"""The store's on-disk format (see the module docstring)."""
+_REBUILD_CHUNK = 100_000
 
 
 def _name_key(prefix: str, name: str) -> bytes:
@@ -117,6 +131,7 @@ class _Dataset:
     schemas: list[Schema]
     codec: DatasetCodec
     records_db: Any
+    leaves_db: Any
     queue_db: Any
     queue: VersionQueue
     tree: MerkleTree
@@ -131,9 +146,6 @@ class _Dataset:
     def leaf_shift(self) -> int:
         """``leaf_of(key) == xxh3_64(key) >> leaf_shift``."""
         return 64 - (self.spec.geometry.leaves.bit_length() - 1)
-
-    def record_key(self, key: bytes) -> bytes:
-        return _LEAF.pack(self.spec.geometry.leaf_of(key)) + key
 
 
 def _definition(ds_spec: DatasetSpec, schemas: Sequence[Schema], dictionary: Dictionary) -> bytes:
@@ -203,6 +215,18 @@ class OriginStore:
                 readahead=False,
             )
             self._env.reader_check()
+            # derived data, never fsynced; twice the records' bound, so it is
+            # never the one that fills up
+            self._index = lmdb.open(
+                str(self.path / "index.lmdb"),
+                map_size=2 * self.max_map_size,
+                max_dbs=MAX_DATASETS + 1,
+                sync=False,
+                metasync=False,
+                max_readers=max_readers,
+                readahead=False,
+            )
+            self._index.reader_check()
             self._meta_db = self._env.open_db(b"meta")
             self._load()
         except lmdb.Error as exc:
@@ -222,14 +246,44 @@ class OriginStore:
             trees = {
                 name: txn.get(_name_key("tree", name), db=self._meta_db) for name in definitions
             }
+            fmt = txn.get(b"format", db=self._meta_db)
+            clean = txn.get(b"clean", db=self._meta_db) is not None
+        if fmt is None and definitions:
+            self._convert_format_1(definitions)
+            clean = False
+        elif fmt is not None and int(fmt) != FORMAT:
+            raise CorruptStateError(f"store format {int(fmt)} is not {FORMAT}: upgrade replicad")
         for name, definition in definitions.items():
             state = states[name]
             if state is None:
                 raise CorruptStateError(f"dataset {name!r} has no state record")
-            self._datasets[name] = self._open_dataset(name, definition, bytes(state), trees[name])
+            self._datasets[name] = self._open_dataset(
+                name, definition, bytes(state), trees[name] if clean else None, clean
+            )
+        # from here on a crash leaves the index untrusted until a clean close
+        with self._env.begin(write=True) as txn:
+            txn.put(b"format", str(FORMAT).encode(), db=self._meta_db)
+            txn.delete(b"clean", db=self._meta_db)
+
+    def _convert_format_1(self, definitions: Mapping[str, bytes]) -> None:
+        """Format 1 keyed records by leaf prefix + key: strip the prefix (one
+        transaction per dataset; an interrupted conversion is redone, since
+        the format marker is written only after every dataset is done)."""
+        for name in definitions:
+            db = self._env.open_db(_name_key("r", name))
+            with self._env.begin(write=True) as txn:
+                rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+                if rows and len(rows[0][0]) > 4 and all(len(k) > 4 for k, _ in rows):
+                    txn.drop(db, delete=False)
+                    txn.cursor(db=db).putmulti(sorted((k[4:], v) for k, v in rows))
 
     def _open_dataset(
-        self, name: str, definition: bytes, state_raw: bytes, saved_tree: bytes | None
+        self,
+        name: str,
+        definition: bytes,
+        state_raw: bytes,
+        saved_tree: bytes | None,
+        index_trusted: bool,
     ) -> _Dataset:
         try:
             doc = msgpack.unpackb(definition, raw=False)
@@ -263,6 +317,7 @@ class OriginStore:
         )
         records_db = self._env.open_db(_name_key("r", name))
         queue_db = self._env.open_db(_name_key("q", name))
+        leaves_db = self._index.open_db(_name_key("l", name))
         policy = policy_by_name(spec.policy)
         try:
             with self._env.begin() as txn:
@@ -285,7 +340,15 @@ class OriginStore:
                 max_keys=MAX_QUEUE_KEYS,
                 policy=policy,
             )
-        tree = self._load_tree(saved_tree, records_db, geometry, version, epoch)
+        tree = self._load_tree(
+            saved_tree,
+            records_db=records_db,
+            leaves_db=leaves_db,
+            geometry=geometry,
+            version=version,
+            epoch=epoch,
+            index_trusted=index_trusted,
+        )
         if tree.digest != digest:
             raise CorruptStateError(
                 f"dataset {name!r}: records digest {tree.digest.hex()} != recorded {digest.hex()}"
@@ -296,6 +359,7 @@ class OriginStore:
             schemas,
             codec,
             records_db,
+            leaves_db,
             queue_db,
             queue,
             tree,
@@ -307,7 +371,15 @@ class OriginStore:
         return ds
 
     def _load_tree(
-        self, saved: bytes | None, records_db: Any, geometry: Geometry, version: int, epoch: bytes
+        self,
+        saved: bytes | None,
+        *,
+        records_db: Any,
+        leaves_db: Any,
+        geometry: Geometry,
+        version: int,
+        epoch: bytes,
+        index_trusted: bool,
     ) -> MerkleTree:
         if saved is not None:
             try:
@@ -319,10 +391,35 @@ class OriginStore:
             except (KeyError, TypeError, ValueError, MerkleError):
                 pass  # rebuild below
         tree = MerkleTree(geometry)
+        if index_trusted:  # the leaf index has every entry hash: no hashing
+            with self._index.begin(buffers=True) as txn:
+                tree.update_leaves(
+                    (_LEAF.unpack_from(k)[0], None, int.from_bytes(v, "big"))
+                    for k, v in txn.cursor(db=leaves_db)
+                )
+            return tree
+        # rebuild the index from the records, and the tree with it
+        shift = 64 - (geometry.leaves.bit_length() - 1)
+        pack = _LEAF.pack
+        with self._index.begin(write=True) as itxn:
+            itxn.drop(leaves_db, delete=False)
         with self._env.begin(buffers=True) as txn:
-            for k, v in txn.cursor(db=records_db):
-                key = bytes(k[4:])
-                tree.update_hashes(key, None, entry_hash(key, bytes(v)))
+            records = txn.cursor(db=records_db)
+            more = records.first()
+            while more:
+                changes: list[tuple[int, int | None, int | None]] = []
+                rows: list[tuple[bytes, bytes]] = []
+                for k, v in islice(records.iternext(), _REBUILD_CHUNK):
+                    key = bytes(k)
+                    leaf = xxh3_64_intdigest(key) >> shift
+                    h = entry_hash(key, bytes(v))
+                    changes.append((leaf, None, h))
+                    rows.append((pack(leaf) + key, h.to_bytes(16, "big")))
+                more = len(rows) == _REBUILD_CHUNK and records.next()
+                tree.update_leaves(changes)
+                rows.sort()
+                with self._index.begin(write=True) as itxn:
+                    itxn.cursor(db=leaves_db).putmulti(rows)
         return tree
 
     def _write_state(self, ds: _Dataset) -> None:
@@ -365,7 +462,10 @@ class OriginStore:
             return
         with self._write_lock:
             try:
+                self._index.sync(True)
                 with self._env.begin(write=True) as txn:
+                    if not self._broken:  # the index is whole: trust it next time
+                        txn.put(b"clean", b"1", db=self._meta_db)
                     for ds in self._datasets.values():
                         doc = {
                             "version": ds.queue.version,
@@ -380,6 +480,7 @@ class OriginStore:
             except lmdb.Error:
                 pass  # a missing saved tree only costs a rebuild
             self._env.close()
+            self._index.close()
             self._closed = True
 
     def names(self) -> list[str]:
@@ -454,12 +555,14 @@ class OriginStore:
             def run() -> _Dataset:
                 records_db = self._env.open_db(_name_key("r", spec.name))
                 queue_db = self._env.open_db(_name_key("q", spec.name))
+                leaves_db = self._index.open_db(_name_key("l", spec.name))
                 ds = _Dataset(
                     spec.name,
                     spec,
                     schemas,
                     codec,
                     records_db,
+                    leaves_db,
                     queue_db,
                     queue,
                     tree,
@@ -609,6 +712,7 @@ class OriginStore:
         # per dataset: the queue copy, digest and changes accumulated so far
         pending: dict[str, _Pending] = {}
         txn = self._env.begin(write=True)
+        itxn = self._index.begin(write=True)
         try:
             for item in prepared:
                 if isinstance(item, ReplicadError):
@@ -620,7 +724,7 @@ class OriginStore:
                     p = pending[ds.name] = _Pending(
                         ds.queue, ds.tree.digest, [], ds.meta_revision, marks[ds.name]
                     )
-                results.append(self._write_batch(txn, item, p))
+                results.append(self._write_batch(txn, itxn, item, p))
             for name, p in pending.items():
                 ds = self._datasets[name]
                 definition = None
@@ -649,12 +753,11 @@ class OriginStore:
             with self._state_lock:
                 txn.commit()
                 try:
+                    itxn.commit()
                     for name, p in pending.items():
                         ds = self._datasets[name]
                         ds.queue = p.queue
-                        update_leaf = ds.tree.update_leaf
-                        for leaf, old, new in p.changes:
-                            update_leaf(leaf, old, new)
+                        ds.tree.update_leaves(p.changes)
                         if name in blobs:
                             ds.meta_revision = p.revision
                             ds.meta_blob = blobs[name]
@@ -667,12 +770,14 @@ class OriginStore:
             raise
         except BaseException:
             txn.abort()
+            itxn.abort()
             raise
         return results
 
-    def _write_batch(self, txn: Any, item: _Prepared, p: _Pending) -> WriteResult:
+    def _write_batch(self, txn: Any, itxn: Any, item: _Prepared, p: _Pending) -> WriteResult:
         ds = item.ds
-        db = ds.records_db
+        db, ldb = ds.records_db, ds.leaves_db
+        iput, idelete = itxn.put, itxn.delete
         xor = 0
         count = 0
         touched: list[bytes] = []
@@ -684,12 +789,13 @@ class OriginStore:
         replace_ = txn.replace
         append = changes.append
         for key, value in item.encoded.items():
-            leaf = xxh3_64_intdigest(key) >> shift
-            old = replace_(pack(leaf) + key, value, db=db)
+            old = replace_(key, value, db=db)
             if old == value:
                 unchanged += 1
                 continue
+            leaf = xxh3_64_intdigest(key) >> shift
             new_h = entry_hash(key, value)
+            iput(pack(leaf) + key, new_h.to_bytes(16, "big"), db=ldb)
             old_h = None
             if old is None:
                 count += 1
@@ -702,18 +808,20 @@ class OriginStore:
             upserted += 1
         deletes: Collection[bytes] = item.deletes
         if item.batch.replace:
+            encoded = item.encoded
             deletes = [
-                bytes(k[4:])
+                key
                 for k in txn.cursor(db=db).iternext(values=False)
-                if bytes(k[4:]) not in item.encoded
+                if (key := bytes(k)) not in encoded
             ]
         for key in deletes:
-            leaf = xxh3_64_intdigest(key) >> shift
-            old = txn.pop(pack(leaf) + key, db=db)
+            old = txn.pop(key, db=db)
             if old is None:
                 if not item.batch.replace:
                     touched.append(key)  # a tombstone for a key we never had is harmless
                 continue
+            leaf = xxh3_64_intdigest(key) >> shift
+            idelete(pack(leaf) + key, db=ldb)
             old_h = entry_hash(key, old)
             xor ^= old_h
             count -= 1
@@ -789,10 +897,16 @@ class OriginStore:
         with self._state_lock:
             ds = self._dataset(name)
             txn = self._env.begin(buffers=False)
+            try:
+                itxn = self._index.begin(buffers=False)
+            except BaseException:
+                txn.abort()
+                raise
             view = LmdbView(
                 self,
                 ds,
                 txn,
+                itxn,
                 cursor=ds.cursor,
                 digest=ds.tree.digest,
                 meta=ds.meta_blob,
@@ -803,6 +917,7 @@ class OriginStore:
             yield view
         finally:
             txn.abort()
+            itxn.abort()
             with self._state_lock:
                 self._readers -= 1
                 if not self._readers:
@@ -879,6 +994,7 @@ class LmdbView:
         store: OriginStore,
         ds: _Dataset,
         txn: Any,
+        index_txn: Any,
         *,
         cursor: Cursor,
         digest: Digest,
@@ -888,6 +1004,7 @@ class LmdbView:
         self._store = store
         self._ds = ds
         self._txn = txn
+        self._index_txn = index_txn
         self._cursor = cursor
         self._digest = digest
         self._meta = meta
@@ -915,7 +1032,7 @@ class LmdbView:
         return self._ds.tree
 
     def get(self, key: bytes) -> bytes | None:
-        value = self._txn.get(self._ds.record_key(key), db=self._ds.records_db)
+        value = self._txn.get(key, db=self._ds.records_db)
         return None if value is None else bytes(value)
 
     def keys_since(self, since: Cursor) -> Collection[bytes]:
@@ -924,14 +1041,12 @@ class LmdbView:
     def leaf_entries(self, leaf: int) -> LeafEntries:
         if not 0 <= leaf < self._ds.spec.geometry.leaves:
             raise MerkleError(f"leaf {leaf} outside the tree")
-        cur = self._txn.cursor(db=self._ds.records_db)
-        return [(k, entry_hash(k, v)) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
+        cur = self._index_txn.cursor(db=self._ds.leaves_db)
+        return [(k, int.from_bytes(h, "big")) for k, h in with_prefix(cur, _LEAF.pack(leaf))]
 
     def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
-        """Records in (leaf, key) order; the position token is the LMDB key
-        (leaf prefix + key)."""
-        rows, token = scan_after(self._txn.cursor(db=self._ds.records_db), after, limit)
-        return [(k[4:], v) for k, v in rows], token
+        """Records in key order; the position token is the last key."""
+        return scan_after(self._txn.cursor(db=self._ds.records_db), after, limit)
 
 
 def decode_definition(blob: MetaBlob) -> Mapping[str, Any]:

@@ -334,7 +334,7 @@ def test_a_failure_after_the_commit_stops_writes_until_restart(
     def broken(*args: object) -> None:
         raise MemoryError("simulated")
 
-    monkeypatch.setattr(MerkleTree, "update_leaf", broken)
+    monkeypatch.setattr(MerkleTree, "update_leaves", broken)
     result = s.commit([WriteBatch("up", {b"a": rec(1, "chengdu")})])[0]
     assert isinstance(result, StorageError)
     monkeypatch.undo()
@@ -342,8 +342,80 @@ def test_a_failure_after_the_commit_stops_writes_until_restart(
     refused = s.commit([WriteBatch("up", {b"b": rec(2)})])[0]
     assert isinstance(refused, StorageError) and "restarted" in str(refused)
     s._env.close()  # the process restarts (no clean close): memory is rebuilt from disk
+    s._index.close()
     s2 = OriginStore(store_path, durable=False)
     value = s2.get("up", b"a")[0]
     assert value is not None and s2.codec("up").decode(value)["city"] == "chengdu"
     ok(s2.commit([WriteBatch("up", {b"b": rec(2, "chengdu")})])[0])
+    s2.close()
+
+
+def _leaf_listing(s: OriginStore, name: str = "up") -> dict[int, list[tuple[bytes, int]]]:
+    leaves = s.info(name).geometry.leaves
+    with s.view(name) as view:
+        return {leaf: sorted(view.leaf_entries(leaf)) for leaf in range(leaves)}
+
+
+def _expected_listing(s: OriginStore, name: str = "up") -> dict[int, list[tuple[bytes, int]]]:
+    from replicad.merkle import entry_hash
+
+    geometry = s.info(name).geometry
+    out: dict[int, list[tuple[bytes, int]]] = {leaf: [] for leaf in range(geometry.leaves)}
+    with s.view(name) as view:
+        for key, value in view.scan(None, 10**9)[0]:
+            out[geometry.leaf_of(key)].append((key, entry_hash(key, value)))
+    return {leaf: sorted(entries) for leaf, entries in out.items()}
+
+
+def test_the_leaf_index_is_rebuilt_after_a_crash_and_trusted_after_a_clean_close(
+    store_path: Path,
+) -> None:
+    s = OriginStore(store_path, durable=False)
+    s.create_dataset(DatasetSpec("up", SCHEMA, geometry=Geometry(4, 2)))
+    ok(s.commit([WriteBatch("up", {b"k%03d" % i: rec(i) for i in range(300)})])[0])
+    ok(s.commit([WriteBatch("up", {b"k001": rec(9)}, [b"k002"])])[0])
+    assert _leaf_listing(s) == _expected_listing(s)
+    digest = s.info("up").digest
+    # a crash: no clean close; and the derived index lost its last writes
+    s._env.close()
+    with s._index.begin(write=True) as itxn:
+        itxn.drop(s._datasets["up"].leaves_db, delete=False)
+    s._index.close()
+    s2 = OriginStore(store_path, durable=False)
+    assert s2.info("up").digest == digest
+    assert _leaf_listing(s2) == _expected_listing(s2)
+    s2.close()
+    s3 = OriginStore(store_path, durable=False)  # after a clean close: index and tree kept
+    assert s3.info("up").digest == digest and _leaf_listing(s3) == _expected_listing(s3)
+    s3.close()
+
+
+def test_records_are_kept_in_key_order_and_a_format_1_store_is_converted(
+    store_path: Path,
+) -> None:
+    s = OriginStore(store_path, durable=False)
+    s.create_dataset(DatasetSpec("up", SCHEMA))
+    ok(s.commit([WriteBatch("up", {b"k%03d" % i: rec(i) for i in range(50)})])[0])
+    with s.view("up") as view:
+        rows, token = view.scan(None, 10)
+        assert [k for k, _ in rows] == [b"k%03d" % i for i in range(10)] and token == b"k009"
+        assert [k for k, _ in view.scan(token, 3)[0]] == [b"k010", b"k011", b"k012"]
+        records = dict(view.scan(None, 10**9)[0])
+    digest = s.info("up").digest
+    geometry = s.info("up").geometry
+    s.close()
+    # rewrite it the way format 1 kept records: leaf prefix + key, no marker
+    env = lmdb.open(str(store_path / "origin.lmdb"), max_dbs=10)
+    rdb, meta = env.open_db(b"r/up"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.drop(rdb, delete=False)
+        for key, value in records.items():
+            txn.put(geometry.leaf_of(key).to_bytes(4, "big") + key, value, db=rdb)
+        txn.delete(b"format", db=meta)
+    env.close()
+    s2 = OriginStore(store_path, durable=False)
+    assert s2.info("up").digest == digest
+    with s2.view("up") as view:
+        assert dict(view.scan(None, 10**9)[0]) == records
+    assert _leaf_listing(s2) == _expected_listing(s2)
     s2.close()
