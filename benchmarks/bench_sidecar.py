@@ -2,8 +2,10 @@
 
 Everything runs as real processes on 127.0.0.1: ``python -m replicad.server``
 (a durable origin: fsync on every commit) and ``python -m sidecar run`` (a
-durable mirror: fsync on every apply), each with its data and log in a
-temporary directory removed at the end. Records are seed-like user profiles
+durable mirror: fsync on every apply), each with its log in a temporary
+directory removed at the end; the mirrors live on /dev/shm when the machine
+has it (a memory-backed volume, as docs/deploy.md recommends for the pod),
+the origin's data on disk. Records are seed-like user profiles
 (``replicad/sample.py``); to keep the client side of a multi-million-record
 load cheap, key ``user:%08d`` of ``i`` holds ``seed_like_record(i % 100,000)``
 (100,000 distinct records, every key distinct).
@@ -214,21 +216,33 @@ class _Sidecar:
     mirror: Path
 
 
+def _mirror_dir(workdir: Path) -> Path:
+    """Where a sidecar keeps its mirror: on a memory-backed filesystem when
+    the machine has one (/dev/shm), as docs/deploy.md recommends (an
+    emptyDir with medium Memory); else beside its log. The caller removes it."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix=f"replicad-bench-{workdir.name}-", dir=shm))
+    return workdir / "mirror"
+
+
 def _start_sidecar(workdir: Path, origin: str) -> _Sidecar:
-    """Start a sidecar process (the caller stops it); returns at once."""
+    """Start a sidecar process (the caller stops it and removes its mirror,
+    ``_Sidecar.mirror``); returns at once."""
     workdir.mkdir(parents=True)
+    mirror = _mirror_dir(workdir)
     port = _free_port()
     cmd = [
         sys.executable, "-m", "sidecar", "run",
         "--origin", origin,
         "--datasets", DATASET,
-        "--data", str(workdir / "mirror"),
+        "--data", str(mirror),
         "--health", f"127.0.0.1:{port}",
         "--replica-id", workdir.name,
         "--log-format", "json",
     ]  # fmt: skip
     proc = _Proc(cmd, workdir / "sidecar.log")
-    return _Sidecar(proc, f"http://127.0.0.1:{port}", workdir / "mirror")
+    return _Sidecar(proc, f"http://127.0.0.1:{port}", mirror)
 
 
 def _post(client: httpx.Client, body: bytes) -> int:
@@ -418,6 +432,7 @@ def _propagation(
         sidecars: list[_Sidecar] = []
         for k in range(SIDECARS):
             sc = _start_sidecar(tmp / f"sidecar{k}", origin.url)
+            stack.callback(shutil.rmtree, sc.mirror, True)
             stack.callback(sc.proc.stop)
             sidecars.append(sc)
         for k, sc in enumerate(sidecars):
@@ -526,6 +541,7 @@ def _bootstrap(tmp: Path, origin: str, n: int, name: str) -> _Bootstrap:
             raise RuntimeError(f"the sidecar holds {status['records']} records, not {n}")
     finally:
         sc.proc.stop()
+        shutil.rmtree(sc.mirror, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return _Bootstrap(seconds, memory, int(status["errors"]))
 
