@@ -15,7 +15,8 @@ import time
 
 from benchmarks.common import Row
 
-MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar", "reader"]
+MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar", "reader", "reads"]
+MODULES += ["simulations"]  # the simulation harness's speed (bench_simulations.py)
 
 
 def _fmt(x: float | None) -> str:

@@ -7,5 +7,9 @@ health, relay and local reads follow.
 """
 
 from sidecar.mirror import DatasetHandle, Mirror
+from sidecar.resp_commands import Dispatcher, Session, SyncStatus
 
-__all__ = ["DatasetHandle", "Mirror"]
+# the socket server (sidecar.resp_server: SocketService, SocketSettings) is
+# not imported here: it needs trio, which app processes reading the mirror
+# do not
+__all__ = ["DatasetHandle", "Dispatcher", "Mirror", "Session", "SyncStatus"]

@@ -2,15 +2,21 @@
 
 * ``sidecar run [--config FILE] [--origin URL] [--data DIR] [--datasets a,b]
   [--token-file F] [--health ADDR] [--poll-interval S] [--max-staleness S]
-  [--log-format json|text] [--no-durable]`` -- run the agent (settings from
-  the file, then ``SIDECAR_*`` variables, then flags).
+  [--log-format json|text] [--no-durable] [--socket PATH]`` -- run the agent
+  (settings from the file, then ``SIDECAR_*`` variables, then flags).
 * ``sidecar status [--health URL]`` -- what a running sidecar reports.
+* ``sidecar get DATASET KEY [--data DIR]`` -- print one record of the mirror
+  as JSON, read directly with :class:`sidecar.reader.Reader` (exit 1 when
+  there is no such record or dataset). ``--data`` defaults to
+  ``SIDECAR_DATA``, then ``./sidecar-data``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
 import sys
 from typing import Any
 
@@ -37,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         "durable": False if args.no_durable else None,
         "hints": False if args.no_hints else None,
         "serve_sync": args.serve_sync,
+        "socket": args.socket,
     }
     cfg = sidecar_config.load(args.config, overrides)
     setup_logging(cfg.log_format, stream=sys.stdout)  # containers collect stdout
@@ -63,6 +70,36 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if doc["ready"] else 1
 
 
+def _get(args: argparse.Namespace) -> int:
+    from sidecar.config import SidecarConfig
+    from sidecar.reader import Reader
+    from sidecar.resp_commands import is_opaque, to_json
+
+    data = args.data or os.environ.get("SIDECAR_DATA") or str(SidecarConfig().data)
+    key = args.key.encode("utf-8", "surrogateescape")
+    with Reader(data) as reader:
+        if args.dataset not in reader.datasets():
+            print(
+                f"sidecar: error: the mirror at {data} has no dataset {args.dataset!r}",
+                file=sys.stderr,
+            )
+            return 1
+        record = reader.get(args.dataset, key)
+        if record is None:
+            print(f"sidecar: {args.dataset} has no record {args.key!r}", file=sys.stderr)
+            return 1
+        if is_opaque(record):
+            value = record.value
+            try:
+                doc: Any = value.decode("utf-8")
+            except UnicodeDecodeError:
+                doc = {"base64": base64.b64encode(value).decode("ascii")}
+        else:
+            doc = json.loads(to_json(record.to_dict()))
+    print(json.dumps(doc, ensure_ascii=False, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sidecar", description="Edge replica sidecar.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,12 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--serve-sync", help="relay mode: serve the sync API from the mirror at this address"
     )
+    run.add_argument("--socket", help="serve the Redis protocol on this unix socket path")
     status = sub.add_parser("status", help="ask a running sidecar how it is doing")
     status.add_argument("--health", default="http://127.0.0.1:7071", help="its health URL")
+    get = sub.add_parser("get", help="print one record of the mirror as JSON")
+    get.add_argument("dataset")
+    get.add_argument("key")
+    get.add_argument("--data", help="mirror directory (default: SIDECAR_DATA, ./sidecar-data)")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "get":
+            return _get(args)
         return _status(args)
     except ReplicadError as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)

@@ -17,6 +17,13 @@ Example ``sidecar.toml``::
     hints = true                               # false: rely on the safety poll
     serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
     relay_read_tokens = ["..."]                # tokens sidecars below must send
+    socket = "/run/sidecar/redis.sock"         # Redis protocol reads (docs/reads.md)
+    socket_mode = "0o660"                      # the socket file's mode
+    socket_group = "app"                       # and group (name or number)
+    socket_workers = 2                         # reader processes serving it
+    socket_max_clients = 10000
+    socket_idle_timeout = 0                    # seconds; 0 = never close idle clients
+    socket_max_request_bytes = 4194304
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
 (``SIDECAR_TOKEN`` wins over ``SIDECAR_TOKEN_FILE`` when both are set)
@@ -65,6 +72,14 @@ class SidecarConfig:
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()
+    socket: Path | None = None
+    """Serve the Redis protocol on this unix socket (docs/reads.md)."""
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    socket_workers: int = 2
+    socket_max_clients: int = 10_000
+    socket_idle_timeout: float = 0.0
+    socket_max_request_bytes: int = 4 << 20
 
     def validate(self) -> SidecarConfig:
         if not self.datasets:
@@ -82,6 +97,16 @@ class SidecarConfig:
             raise ConfigError("need 1 <= map_size_mb <= max_map_size_mb")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
+        if not 1 <= self.socket_workers <= 256:
+            raise ConfigError("socket_workers must be between 1 and 256")
+        if self.socket_max_clients < 1:
+            raise ConfigError("socket_max_clients must be at least 1")
+        if self.socket_idle_timeout < 0:
+            raise ConfigError("socket_idle_timeout must be 0 (never) or positive")
+        if self.socket_max_request_bytes < 1024:
+            raise ConfigError("socket_max_request_bytes must be at least 1024")
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("socket_mode must be a file mode such as 0o660")
         if not self.replica_id:
             return replace(self, replica_id=socket.gethostname())
         return self
@@ -106,6 +131,17 @@ def _int(key: str, value: object) -> int:
         return int(str(value), 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+
+
+def _mode(key: str, value: object) -> int:
+    """A file mode: an int (TOML ``0o660``) or octal text (``660``, ``0660``, ``0o660``)."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        try:
+            return int(text, 8)
+        except ValueError:
+            raise ConfigError(f"{key} must be an octal file mode, got {value!r}") from None
+    return _int(key, value)
 
 
 def _bool(key: str, value: object) -> bool:
@@ -141,6 +177,12 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 changes[key] = str(value).rstrip("/") if key == "origin" else str(value)
             case "data" | "ca_file":
                 changes[key] = Path(str(value))
+            case "socket":
+                changes[key] = Path(str(value)) if str(value) else None
+            case "socket_group":
+                changes[key] = str(value) or None
+            case "socket_mode":
+                changes[key] = _mode(key, value)
             case "datasets":
                 items = value.split(",") if isinstance(value, str) else list(value)
                 changes[key] = tuple(str(v).strip() for v in items if str(v).strip())
@@ -156,9 +198,23 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
             case "relay_read_tokens":
                 items = value.split(",") if isinstance(value, str) else list(value)
                 changes[key] = frozenset(str(v).strip() for v in items if str(v).strip())
-            case "poll_interval" | "max_staleness" | "ack_interval" | "request_timeout":
+            case (
+                "poll_interval"
+                | "max_staleness"
+                | "ack_interval"
+                | "request_timeout"
+                | "socket_idle_timeout"
+            ):
                 changes[key] = _float(key, value)
-            case "map_size_mb" | "max_map_size_mb" | "max_readers" | "file_mode":
+            case (
+                "map_size_mb"
+                | "max_map_size_mb"
+                | "max_readers"
+                | "file_mode"
+                | "socket_workers"
+                | "socket_max_clients"
+                | "socket_max_request_bytes"
+            ):
                 changes[key] = _int(key, value)
             case "durable" | "hints":
                 changes[key] = _bool(key, value)

@@ -1,4 +1,5 @@
-"""Run the sidecar as a process: the mirror, the sync loop, the health port.
+"""Run the sidecar as a process: the mirror, the sync loop, the health port,
+and the Redis-protocol socket (:mod:`sidecar.resp_server`).
 
 ``serve`` is the trio entry point (tests start it in a nursery); ``run``
 blocks, installing SIGTERM/SIGINT handlers that cancel the loop. Cancelling
@@ -18,6 +19,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from replicad import __version__
 from replicad.client import AsyncSyncClient
 from replicad.errors import ConfigError, ReplicadError
 from replicad.http_app import OriginApp
@@ -27,8 +29,24 @@ from sidecar.config import SidecarConfig
 from sidecar.health import HealthApp
 from sidecar.mirror import Mirror
 from sidecar.relay import RelayService
+from sidecar.resp_server import SocketService, SocketSettings, sync_status_of
 
 log = logging.getLogger("sidecar")
+
+
+def socket_settings_of(config: SidecarConfig) -> SocketSettings | None:
+    """The socket's settings, or None when no socket is configured."""
+    if config.socket is None:
+        return None
+    return SocketSettings(
+        path=config.socket,
+        mode=config.socket_mode,
+        group=config.socket_group,
+        workers=config.socket_workers,
+        max_clients=config.socket_max_clients,
+        idle_timeout=config.socket_idle_timeout,
+        max_request_bytes=config.socket_max_request_bytes,
+    )
 
 
 def settings_of(config: SidecarConfig) -> AgentSettings:
@@ -93,10 +111,25 @@ async def serve(
                 hconfig.errorlog = None
                 with _listen_errors(config.health):
                     binds = await nursery.start(hypercorn.trio.serve, HealthApp(agent), hconfig)
+            socket_settings = socket_settings_of(config)
+            if socket_settings is not None:
+                sockets = SocketService(
+                    socket_settings,
+                    mirror=config.data,
+                    status=lambda: sync_status_of(agent),
+                    log_format=config.log_format,
+                    sidecar_version=__version__,
+                )
+                await nursery.start(sockets.run)
             await nursery.start(agent.run)
             log.info(
                 "sidecar running",
-                extra={"origin": config.origin, "datasets": list(config.datasets), "health": binds},
+                extra={
+                    "origin": config.origin,
+                    "datasets": list(config.datasets),
+                    "health": binds,
+                    "socket": None if config.socket is None else str(config.socket),
+                },
             )
             task_status.started(binds)
 

@@ -1,0 +1,533 @@
+"""Reads through the sidecar's Redis-protocol socket, against redis-server.
+
+Everything runs as real processes in one temporary directory: an origin
+(``python -m replicad.server``, at ``nice 19``: on a real host it is another
+machine, and here it must not take the CPU the sidecar and its readers
+would have there), a sidecar (``python -m sidecar run
+--socket``, its default ``socket_workers``) and, as the anchor, a
+``redis-server`` on a unix socket with persistence off. Records are the
+seed-like user profiles (``replicad/sample.py``), record ``i`` at key
+``user:%012d`` -- the keys ``redis-benchmark -r N ... user:__rand_int__``
+asks for. The anchor holds, in one hash per dataset, exactly the bytes our
+``HGET`` answers: each record's JSON (about 500 bytes).
+
+* **Throughput**: ``redis-benchmark -s SOCKET -c 50 -n N [-P 16] -q`` of
+  the same command against both servers, alternating, median of 3 runs
+  (``--quick``: 1). Three commands: ``HGET user_profile`` of one hot key
+  (the sidecar serves it from its render cache: the protocol path alone),
+  of random keys over the whole dataset (almost every read decodes the
+  record and renders its JSON), and ``HGET profile_json`` of random keys,
+  an opaque dataset holding the same JSON as its values (no rendering:
+  the value is the stored bytes). The anchor answers all three from a
+  hash of the JSON strings.
+* **Reads while a diff applies**: a probe process sends ``HGET`` of random
+  keys at 1,000/s on one connection and stamps each round trip
+  (CLOCK_MONOTONIC, shared by every process of the host). p99 of the
+  round trips in the 3 s before a write of 100,000 records at the origin
+  (``--quick``: 20,000), against p99 from that write's acknowledgement until
+  the sidecar's ``/status`` shows its version (the sidecar pulls the diff and
+  applies it in one LMDB write transaction meanwhile). A second probe does
+  the same against redis-server at the same time: how much the machine
+  itself (2 shared cores here) degrades a read's tail while the sync works.
+  Median of 3 rounds (``--quick``: 1).
+
+Without ``redis-server`` or ``redis-benchmark`` the throughput rows are
+NaN and say why; the latency rows need neither.
+
+``python -m benchmarks.bench_reads --probe SOCKET DATASET KEYS RATE
+STOPFILE OUT`` is the probe process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+
+from benchmarks.common import Row
+from replicad.codec import DatasetCodec
+from replicad.sample import seed_like_record, seed_like_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPED = "user_profile"
+OPAQUE = "profile_json"
+CLIENTS = 50
+LOAD_BATCH = 10_000
+PROBE_RATE = 1000.0
+IDLE_SECONDS = 3.0
+MISSING = "redis-server or redis-benchmark not installed (apt-get install redis-server)"
+
+
+def _key(i: int) -> bytes:
+    return b"user:%012d" % i
+
+
+def _json(i: int, codec: DatasetCodec) -> bytes:
+    """Record ``i`` as the sidecar's HGET renders it."""
+    from sidecar.resp_commands import to_json
+
+    return to_json(codec.decode(codec.encode(seed_like_record(i))))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICAD_", "SIDECAR_"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class _Proc:
+    """A child process, its output in a log file; stopped with SIGTERM."""
+
+    def __init__(self, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "ab") as fh:
+            self.popen = subprocess.Popen(
+                list(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=fh,
+                cwd=str(ROOT),
+                env=env or _env(),
+            )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def tail(self) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return "(no log)"
+
+
+def _wait(what: str, proc: _Proc, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise RuntimeError(f"{what} exited:\n{proc.tail()}")
+        with contextlib.suppress(httpx.TransportError, OSError):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{proc.tail()}")
+        time.sleep(0.05)
+
+
+def _pings(path: Path) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+    return check
+
+
+@dataclass
+class _Setup:
+    origin: str
+    health: str
+    socket: Path
+    redis_socket: Path | None
+
+
+def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> _Setup:
+    """The origin with ``n`` records in both datasets, a ready sidecar with
+    its socket, and (if installed) a redis-server holding the same JSON."""
+    port = _free_port()
+    # nice 19: on a real host the origin is another machine; here it must not
+    # take the CPU the sidecar and its readers would have there
+    origin_cmd = [
+        "nice", "-n", "19",
+        sys.executable, "-m", "replicad.server", "--data", str(tmp / "origin"),
+        "--listen", f"127.0.0.1:{port}", "--no-durable", "--log-format", "json",
+    ]  # fmt: skip
+    origin = _Proc(origin_cmd, tmp / "origin.log")
+    stack.callback(origin.stop)
+    url = f"http://127.0.0.1:{port}"
+    _wait("origin", origin, lambda: httpx.get(url + "/healthz").status_code == 200, 30)
+    codec = DatasetCodec([seed_like_schema()])
+    with httpx.Client(base_url=url, timeout=300) as client:
+        schema = seed_like_schema().to_json()
+        client.post("/v1/datasets", json={"name": TYPED, "schema": schema}).raise_for_status()
+        client.post("/v1/datasets", json={"name": OPAQUE, "opaque": True}).raise_for_status()
+        for s in range(0, n, LOAD_BATCH):
+            span = range(s, min(n, s + LOAD_BATCH))
+            _post(client, TYPED, {_key(i): seed_like_record(i) for i in span})
+            _post(client, OPAQUE, {_key(i): _json(i, codec) for i in span})
+    sock = tmp / "sidecar.sock"
+    hport = _free_port()
+    sidecar_cmd = [
+        sys.executable, "-m", "sidecar", "run", "--origin", url,
+        "--datasets", f"{TYPED},{OPAQUE}", "--data", str(tmp / "mirror"),
+        "--health", f"127.0.0.1:{hport}", "--socket", str(sock), "--log-format", "json",
+    ]  # fmt: skip
+    sidecar = _Proc(sidecar_cmd, tmp / "sidecar.log")
+    stack.callback(sidecar.stop)
+    health = f"http://127.0.0.1:{hport}"
+    _wait("sidecar", sidecar, lambda: httpx.get(health + "/readyz").status_code == 200, 600)
+    _wait("sidecar socket", sidecar, _pings(sock), 30)
+    redis_sock = None
+    if have_redis:
+        redis_sock = tmp / "redis.sock"
+        redis_cmd = [
+            "redis-server", "--port", "0", "--unixsocket", str(redis_sock),
+            "--save", "", "--appendonly", "no", "--dir", str(tmp),
+        ]  # fmt: skip
+        redis_proc = _Proc(redis_cmd, tmp / "redis.log")
+        stack.callback(redis_proc.stop)
+        _wait("redis-server", redis_proc, _pings(redis_sock), 30)
+        _load_redis(redis_sock, n, codec)
+    return _Setup(url, health, sock, redis_sock)
+
+
+def _post(client: httpx.Client, dataset: str, upserts: dict[bytes, Any]) -> int:
+    r = client.post(
+        f"/v1/datasets/{dataset}/batch",
+        content=msgpack.packb({"upserts": upserts}, use_bin_type=True),
+        headers={"content-type": "application/msgpack"},
+    )
+    if r.status_code != 200:
+        raise RuntimeError(f"write failed: {r.status_code} {r.text[:200]}")
+    version: int = r.json()["version"]
+    return version
+
+
+def _load_redis(path: Path, n: int, codec: DatasetCodec) -> None:
+    """HSET every record's JSON into both hashes (raw RESP, pipelined)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        for start in range(0, n, 1000):
+            out = bytearray()
+            for i in range(start, min(n, start + 1000)):
+                value = _json(i, codec)
+                for name in (TYPED.encode(), OPAQUE.encode()):
+                    out += _command([b"HSET", name, _key(i), value])
+            s.sendall(out)
+            want = 2 * (min(n, start + 1000) - start)
+            got = b""
+            while got.count(b"\r\n") < want:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise RuntimeError("redis-server closed the connection")
+                got += chunk
+
+
+def _command(args: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def _redis_benchmark(path: Path, requests: int, pipeline: int, command: list[str]) -> float:
+    """Requests/s that ``redis-benchmark`` reports."""
+    cmd = [
+        "redis-benchmark", "-s", str(path), "-c", str(CLIENTS), "-n", str(requests),
+        "-P", str(pipeline), "-q", *command,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    text = done.stdout.replace("\r", "\n")
+    for line in reversed(text.splitlines()):
+        if "requests per second" in line:
+            return float(line.split(":")[-1].split("requests per second")[0].strip())
+    raise RuntimeError(f"redis-benchmark failed: {done.stdout[-300:]} {done.stderr[-300:]}")
+
+
+@dataclass(frozen=True)
+class _Case:
+    name: str
+    ours: list[str]
+    anchor: list[str]
+
+
+def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
+    hot = _key(42).decode()
+    rand = ["-r", str(n)]
+    cases = [
+        _Case(
+            "HGET user_profile <one hot key> (JSON from the render cache)",
+            ["HGET", TYPED, hot],
+            ["HGET", TYPED, hot],
+        ),
+        _Case(
+            f"HGET user_profile <random key of {n:,}> (JSON rendered per read)",
+            [*rand, "HGET", TYPED, "user:__rand_int__"],
+            [*rand, "HGET", TYPED, "user:__rand_int__"],
+        ),
+        _Case(
+            f"HGET profile_json <random key of {n:,}> (opaque: the stored JSON bytes)",
+            [*rand, "HGET", OPAQUE, "user:__rand_int__"],
+            [*rand, "HGET", OPAQUE, "user:__rand_int__"],
+        ),
+    ]
+    runs = 1 if quick else 3
+    out: list[Row] = []
+    for pipeline in (1, 16):
+        requests = (10_000 if quick else 50_000) * (4 if pipeline > 1 else 1)
+        for case in cases:
+            ours: list[float] = []
+            anchor: list[float] = []
+            for _ in range(runs):
+                ours.append(_redis_benchmark(setup.socket, requests, pipeline, case.ours))
+                if setup.redis_socket is not None:
+                    anchor.append(
+                        _redis_benchmark(setup.redis_socket, requests, pipeline, case.anchor)
+                    )
+            value = statistics.median(ours)
+            ref = statistics.median(anchor) if anchor else float("nan")
+            p = f" -P {pipeline}" if pipeline > 1 else ""
+            out.append(
+                Row(
+                    f"reads: {case.name}; redis-benchmark -s -c {CLIENTS}{p} (median of {runs})",
+                    value,
+                    "requests/s",
+                    anchor=ref,
+                    anchor_name="redis-server, HGET of a hash of the same JSON",
+                    target="ratio >= 0.5",
+                    met=None if not anchor else value / ref >= 0.5,
+                )
+            )
+    return out
+
+
+def _missing_throughput() -> list[Row]:
+    nan = float("nan")
+    return [
+        Row(f"reads: HGET throughput{' -P 16' if p > 1 else ''}", nan, "requests/s", nan, MISSING)
+        for p in (1, 16)
+    ]
+
+
+# ---------------------------------------------------------------- latency
+
+
+def _probe_main(argv: Sequence[str]) -> int:
+    """Send HGET of random keys at RATE/s on one connection until STOPFILE
+    exists (300 s at most); then write [[start monotonic_ns, round trip
+    ns], ...] to OUT (JSON). OUT.ready appears once connected."""
+    path, dataset, keys, rate, stopfile, out = argv
+    n, period = int(keys), 1.0 / float(rate)
+    stop = Path(stopfile)
+    rng = random.Random(7)
+    samples: list[tuple[int, int]] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        Path(out + ".ready").touch()
+        end = time.monotonic() + 300
+        next_at = time.monotonic()
+        while time.monotonic() < end and (len(samples) % 100 or not stop.exists()):
+            request = _command([b"HGET", dataset.encode(), _key(rng.randrange(n))])
+            began = time.monotonic_ns()
+            s.sendall(request)
+            _read_bulk(s)
+            samples.append((began, time.monotonic_ns() - began))
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                next_at = time.monotonic()
+    Path(out).write_text(json.dumps(samples))
+    return 0
+
+
+def _read_bulk(s: socket.socket) -> bytes:
+    data = s.recv(1 << 16)
+    if not data.startswith(b"$"):
+        raise RuntimeError(f"unexpected reply {data[:80]!r}")
+    size = int(data[1 : data.index(b"\r\n")])
+    need = data.index(b"\r\n") + 2 + max(size, 0) + (2 if size >= 0 else 0)
+    while len(data) < need:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            raise RuntimeError("the sidecar closed the connection")
+        data += chunk
+    return data
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+
+@dataclass
+class _Round:
+    idle: dict[str, list[float]]
+    """Round trips (ms) in the idle window, per server probed."""
+    busy: dict[str, list[float]]
+    """Round trips (ms) while the sidecar synced the diff, per server."""
+    window: float
+
+
+def _latency_round(tmp: Path, setup: _Setup, n: int, diff: int, round_no: int) -> _Round:
+    """Probe our socket (and redis-server's, at the same time) while idle,
+    then while the sidecar syncs a diff of ``diff`` records."""
+    targets = {"sidecar": setup.socket}
+    if setup.redis_socket is not None:
+        targets["redis"] = setup.redis_socket
+    stopfile = tmp / f"stop{round_no}"
+    outs = {name: tmp / f"probe-{name}{round_no}.json" for name in targets}
+    probes = []
+    try:
+        for name, path in targets.items():
+            cmd = [
+                sys.executable, "-m", "benchmarks.bench_reads", "--probe", str(path), TYPED,
+                str(n), str(PROBE_RATE), str(stopfile), str(outs[name]),
+            ]  # fmt: skip
+            probes.append(_Proc(cmd, tmp / f"probe-{name}{round_no}.log"))
+        for name, probe in zip(targets, probes, strict=True):
+            _wait("probe", probe, Path(str(outs[name]) + ".ready").exists, 30)
+        idle_from = time.monotonic_ns() + 500_000_000
+        time.sleep(IDLE_SECONDS)
+        idle_to = time.monotonic_ns()
+        # a diff of `diff` records: each key gets another record
+        offset = 1 + round_no
+        upserts = {_key(i): seed_like_record((i + offset * 7919) % n) for i in range(diff)}
+        with httpx.Client(base_url=setup.origin, timeout=300) as client:
+            version = _post(client, TYPED, upserts)
+        acked = time.monotonic_ns()
+        while True:
+            doc = httpx.get(setup.health + "/status", timeout=10).json()
+            if (doc["datasets"][TYPED]["version"] or 0) >= version:
+                break
+            time.sleep(0.01)
+        visible = time.monotonic_ns()
+        time.sleep(0.3)
+        stopfile.touch()
+        for probe in probes:
+            probe.popen.wait(30)
+    finally:
+        for probe in probes:
+            probe.stop()
+    idle: dict[str, list[float]] = {}
+    busy: dict[str, list[float]] = {}
+    for name, out in outs.items():
+        samples = json.loads(out.read_text()) if out.exists() else []
+        idle[name] = [lat / 1e6 for t, lat in samples if idle_from <= t < idle_to]
+        busy[name] = [lat / 1e6 for t, lat in samples if acked <= t < visible]
+    return _Round(idle, busy, (visible - acked) / 1e9)
+
+
+def _median_of(
+    rounds: list[_Round], which: str, name: str, stat: Callable[[list[float]], float]
+) -> float:
+    values = [stat(getattr(r, which).get(name, [])) for r in rounds]
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def _p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _latency(tmp: Path, setup: _Setup, n: int, quick: bool) -> list[Row]:
+    diff = min(n, 20_000 if quick else 100_000)
+    rounds = [_latency_round(tmp, setup, n, diff, k) for k in range(1 if quick else 3)]
+    idle = _median_of(rounds, "idle", "sidecar", _p99)
+    busy = _median_of(rounds, "busy", "sidecar", _p99)
+    window = statistics.median(r.window for r in rounds)
+    load = (
+        f"HGET of random keys, {PROBE_RATE:,.0f}/s on one connection to each server, "
+        f"median of {len(rounds)}"
+    )
+    during = f"while the sidecar syncs a {diff:,}-record diff (ack -> visible, {window:.1f} s)"
+    redis_name = "redis-server, the same probe" if setup.redis_socket else MISSING
+    return [
+        Row(
+            f"reads: socket HGET round trip p99, idle ({load})",
+            idle,
+            "ms",
+            anchor=_median_of(rounds, "idle", "redis", _p99),
+            anchor_name=redis_name,
+        ),
+        Row(
+            f"reads: socket HGET round trip p99 {during}",
+            busy,
+            "ms",
+            anchor=idle,
+            anchor_name="the sidecar's p99, idle",
+            target="ratio <= 2",
+            met=busy / idle <= 2 if not (math.isnan(idle) or math.isnan(busy)) else None,
+        ),
+        Row(
+            f"reads: redis-server HGET round trip p99 {during} (context: the machine)",
+            _median_of(rounds, "busy", "redis", _p99),
+            "ms",
+            anchor=_median_of(rounds, "idle", "redis", _p99),
+            anchor_name="redis-server's p99, idle" if setup.redis_socket else MISSING,
+        ),
+        Row(
+            f"reads: socket HGET round trip p50 {during}",
+            _median_of(rounds, "busy", "sidecar", _p50),
+            "ms",
+            anchor=_median_of(rounds, "idle", "sidecar", _p50),
+            anchor_name="the sidecar's p50, idle",
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- rows
+
+
+def rows(quick: bool) -> list[Row]:
+    n = 20_000 if quick else 100_000
+    have_redis = shutil.which("redis-server") is not None and (
+        shutil.which("redis-benchmark") is not None
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="replicad-bench-reads-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            setup = _start(stack, tmp, n, have_redis)
+            out = _throughput(setup, n, quick) if have_redis else _missing_throughput()
+            out += _latency(tmp, setup, n, quick)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--probe"]:
+        sys.exit(_probe_main(sys.argv[2:]))
+    for row in rows("--quick" in sys.argv):
+        print(row)
