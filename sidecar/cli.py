@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "durable": False if args.no_durable else None,
         "hints": False if args.no_hints else None,
+        "push": False if args.no_push else None,
         "serve_sync": args.serve_sync,
         "socket": args.socket,
     }
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-format", choices=["json", "text"])
     run.add_argument("--no-durable", action="store_true", help="no fsync (tests only)")
     run.add_argument("--no-hints", action="store_true", help="do not follow hints; poll only")
+    run.add_argument(
+        "--no-push", action="store_true", help="hints without their records: pull every version"
+    )
     run.add_argument(
         "--serve-sync", help="relay mode: serve the sync API from the mirror at this address"
     )

@@ -15,6 +15,7 @@ Example ``sidecar.toml``::
     max_readers = 1024
     log_format = "json"
     hints = true                               # false: rely on the safety poll
+    push = true                                # small versions arrive with their records
     serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
     relay_read_tokens = ["..."]                # tokens sidecars below must send
     socket = "/run/sidecar/redis.sock"         # Redis protocol reads (docs/reads.md)
@@ -69,6 +70,9 @@ class SidecarConfig:
     log_format: str = "json"
     durable: bool = True
     hints: bool = True
+    push: bool = True
+    """Ask the hint stream for pushed diffs (DiffPush): a small version is
+    applied with no request (docs/protocol.md)."""
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()
@@ -216,7 +220,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 | "socket_max_request_bytes"
             ):
                 changes[key] = _int(key, value)
-            case "durable" | "hints":
+            case "durable" | "hints" | "push":
                 changes[key] = _bool(key, value)
     return replace(cfg, **changes)
 

@@ -58,6 +58,7 @@ def settings_of(config: SidecarConfig) -> AgentSettings:
         ack_interval=config.ack_interval,
         max_staleness=config.max_staleness,
         hints=config.hints,
+        push=config.push,
     )
 
 

@@ -40,6 +40,7 @@ import httpx
 import msgpack
 import pytest
 
+from replicad.errors import ConfigError
 from sidecar import cli
 from sidecar.config import SidecarConfig, load
 from sidecar.reader import Reader
@@ -807,3 +808,26 @@ def test_deploy_doc_names_every_setting_and_flag(capsys: pytest.CaptureFixture[s
     flags = set(re.findall(r"--[a-z][a-z-]+", capsys.readouterr().out)) - {"--help"}
     missing = sorted(flag for flag in flags if f"`{flag}" not in doc)
     assert flags and not missing, missing
+
+
+def test_push_is_on_by_default_and_can_be_turned_off_three_ways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sidecar_main = cli.main
+    from sidecar.main import settings_of
+
+    assert settings_of(load(None, environ={"SIDECAR_DATASETS": "a"})).push
+    off = load(None, environ={"SIDECAR_DATASETS": "a", "SIDECAR_PUSH": "false"})
+    assert not settings_of(off).push
+    toml = tmp_path / "s.toml"
+    toml.write_text('datasets = ["a"]\npush = false\n')
+    assert not load(toml, environ={}).push
+    toml.write_text('datasets = ["a"]\npush = "sometimes"\n')
+    with pytest.raises(ConfigError, match="push"):
+        load(toml, environ={})
+    # --no-push reaches the configuration the process runs with
+    seen: list[SidecarConfig] = []
+    monkeypatch.setattr("sidecar.main.run", seen.append)
+    argv = ["run", "--datasets", "a", "--origin", "http://127.0.0.1:9", "--no-push"]
+    assert sidecar_main([*argv, "--data", str(tmp_path / "m"), "--log-format", "text"]) == 0
+    assert len(seen) == 1 and not seen[0].push
