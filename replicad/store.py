@@ -61,7 +61,7 @@ from typing import Any
 
 import lmdb
 import msgpack
-from xxhash import xxh3_64_intdigest
+from xxhash import xxh3_64_intdigest, xxh3_128_intdigest
 
 from replicad.codec import DatasetCodec, Dictionary, check_key
 from replicad.errors import (
@@ -409,15 +409,15 @@ class OriginStore:
             while more:
                 changes: list[tuple[int, int | None, int | None]] = []
                 rows: list[tuple[bytes, bytes]] = []
+                add_change, add_row = changes.append, rows.append
                 for k, v in islice(records.iternext(), _REBUILD_CHUNK):
                     key = bytes(k)
                     leaf = xxh3_64_intdigest(key) >> shift
-                    h = entry_hash(key, bytes(v))
-                    changes.append((leaf, None, h))
-                    rows.append((pack(leaf) + key, h.to_bytes(16, "big")))
+                    h = xxh3_128_intdigest(key + v, len(key))  # entry_hash, inlined
+                    add_change((leaf, None, h))
+                    add_row((pack(leaf) + key, h.to_bytes(16, "big")))
                 more = len(rows) == _REBUILD_CHUNK and records.next()
                 tree.update_leaves(changes)
-                rows.sort()
                 with self._index.begin(write=True) as itxn:
                     itxn.cursor(db=leaves_db).putmulti(rows)
         return tree
