@@ -837,8 +837,20 @@ class MerkleComparison:
         *,
         levels_per_query: int = 2,
         max_leaves: int | None = None,
+        max_per_query: int | None = None,
     ) -> None:
-        """Raises :class:`MerkleError` if ``levels_per_query < 1`` or ``max_leaves < 0``."""
+        """Raises :class:`MerkleError` if ``levels_per_query < 1``,
+        ``max_leaves < 0`` or ``max_per_query < 1``. ``max_per_query``
+        bounds the nodes or leaves one query names (a server's limit): a
+        level with more is asked in several queries."""
+        if max_per_query is not None and (not _is_int(max_per_query) or max_per_query < 1):
+            raise MerkleError(f"max_per_query must be None or >= 1, not {max_per_query!r}")
+        self._max_per_query = max_per_query
+        self._rest: tuple[int, ...] = ()
+        """Indices of the current level still to ask about."""
+        self._acc_nodes: list[int] = []
+        self._acc_keys: set[bytes] = set()
+        self._acc_hashes: dict[bytes, int] = {}
         if not _is_int(levels_per_query) or levels_per_query < 1:
             raise MerkleError(f"levels_per_query must be >= 1, not {levels_per_query!r}")
         if max_leaves is not None and (not _is_int(max_leaves) or max_leaves < 0):
@@ -886,6 +898,13 @@ class MerkleComparison:
         self._pending = None
         self.done = True
 
+    def _split(self, indices: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(this query's indices, the rest) under ``max_per_query``."""
+        n = self._max_per_query
+        if n is None or len(indices) <= n:
+            return indices, ()
+        return indices[:n], indices[n:]
+
     def _feed_nodes(self, q: NodeQuery, a: NodeAnswer) -> None:
         g = self._geometry
         if a.level != q.level or a.levels_down != q.levels_down:
@@ -909,6 +928,12 @@ class MerkleComparison:
                     raise ProtocolError("node digest is not 8 bytes")
                 if d != local[base + offset]:
                     differing.append(base + offset)
+        self._acc_nodes.extend(differing)
+        if self._rest:  # more nodes of this level to ask about
+            now, self._rest = self._split(self._rest)
+            self._pending = NodeQuery(q.level, now, q.levels_down)
+            return
+        differing, self._acc_nodes = self._acc_nodes, []
         if not differing:
             self._finish()
             return
@@ -917,11 +942,12 @@ class MerkleComparison:
             self.too_many = True
             self._finish()
             return
+        now, self._rest = self._split(tuple(differing))
         if target_level == g.depth:
-            self._pending = LeafQuery(tuple(differing))
+            self._pending = LeafQuery(now)
         else:
             self._pending = NodeQuery(
-                target_level, tuple(differing), min(self._per_query, g.depth - target_level)
+                target_level, now, min(self._per_query, g.depth - target_level)
             )
 
     def _feed_leaves(self, q: LeafQuery, a: LeafAnswer) -> None:
@@ -953,6 +979,12 @@ class MerkleComparison:
                     differing.add(key)
                     remote_hashes[key] = h
             differing.update(key for key in local if key not in remote)
-        self.differing_keys = frozenset(differing)
-        self.remote_hashes = remote_hashes
+        self._acc_keys |= differing
+        self._acc_hashes.update(remote_hashes)
+        if self._rest:  # more leaves to list
+            now, self._rest = self._split(self._rest)
+            self._pending = LeafQuery(now)
+            return
+        self.differing_keys = frozenset(self._acc_keys)
+        self.remote_hashes = self._acc_hashes
         self._finish()

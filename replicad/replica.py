@@ -149,6 +149,10 @@ class SyncConfig:
     merkle_levels_per_query: int = 2
     merkle_max_leaf_fraction: float = 0.25
     """Above this fraction of differing leaves, a snapshot is cheaper."""
+    merkle_max_per_query: int = 4_096
+    """Nodes or leaves one Merkle query may name: at most the servers'
+    ``ResponderConfig.max_merkle_indices`` (the same default); more are
+    asked in several queries."""
     max_merkle_attempts: int = 3
     """Merkle repairs in a row that may fail verification before a snapshot."""
 
@@ -159,6 +163,8 @@ class SyncConfig:
             raise ValueError("backoff_max must be >= backoff_base")
         if self.snapshot_chunk < 1 or self.merkle_levels_per_query < 1:
             raise ValueError("snapshot_chunk and merkle_levels_per_query must be >= 1")
+        if self.merkle_max_per_query < 1:
+            raise ValueError("merkle_max_per_query must be >= 1")
 
 
 # --- actions -----------------------------------------------------------------
@@ -570,6 +576,7 @@ class ReplicaSync:
             self._local.leaves,
             levels_per_query=self.config.merkle_levels_per_query,
             max_leaves=max(1, int(tree.geometry.leaves * self.config.merkle_max_leaf_fraction)),
+            max_per_query=self.config.merkle_max_per_query,
         )
         self._merkle_base = None
         self._merkle_step()

@@ -58,7 +58,7 @@ def compare(
     **kwargs: Any,
 ) -> MerkleComparison:
     cmp = MerkleComparison(local[0], local[1], **kwargs)
-    for _ in range(20):
+    for _ in range(2000):
         q = cmp.next_query()
         if q is None:
             break
@@ -664,3 +664,26 @@ def test_update_leaves_stops_at_a_bad_change_with_the_earlier_ones_applied() -> 
     with pytest.raises(MerkleError, match="delete from empty leaf"):
         tree.update_leaves([(2, None, 7), (3, 9, None)])
     assert tree.digest == Digest(2, 5 ^ 7)
+
+
+
+@given(dicts_st, dicts_st, st.integers(1, 5))
+@settings(max_examples=60, deadline=None)
+def test_queries_split_at_max_per_query_find_the_same_keys(
+    local_data: dict[bytes, bytes], remote_data: dict[bytes, bytes], per_query: int
+) -> None:
+    g = Geometry(fanout=4, depth=3)
+    local, remote = build(g, local_data), build(g, remote_data)
+    whole = compare(local, remote)
+    split = MerkleComparison(local[0], local[1], max_per_query=per_query)
+    while (q := split.next_query()) is not None:
+        indices = q.indices if isinstance(q, NodeQuery) else q.leaves
+        assert len(indices) <= per_query
+        if isinstance(q, NodeQuery):
+            split.feed(answer_nodes(remote[0], q))
+        else:
+            split.feed(answer_leaves(remote[1], q))
+    assert split.differing_keys == whole.differing_keys == expected_diff(local_data, remote_data)
+    assert split.remote_hashes == whole.remote_hashes
+    with pytest.raises(MerkleError, match="max_per_query"):
+        MerkleComparison(local[0], local[1], max_per_query=0)
