@@ -666,7 +666,6 @@ def test_update_leaves_stops_at_a_bad_change_with_the_earlier_ones_applied() -> 
     assert tree.digest == Digest(2, 5 ^ 7)
 
 
-
 @given(dicts_st, dicts_st, st.integers(1, 5))
 @settings(max_examples=60, deadline=None)
 def test_queries_split_at_max_per_query_find_the_same_keys(
