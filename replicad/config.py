@@ -70,6 +70,11 @@ class Listen:
         return self.bind()
 
 
+MAX_MAP_SIZE_MB = 1 << 40
+"""The largest map LMDB can be asked for here (2**60 bytes); a larger one
+would overflow its C types."""
+
+
 @dataclass(frozen=True)
 class OriginConfig:
     data: Path = Path("./replicad-data")
@@ -98,6 +103,8 @@ class OriginConfig:
             raise ConfigError("tls_cert and tls_key must be set together")
         if self.map_size_mb < 1 or self.max_map_size_mb < self.map_size_mb:
             raise ConfigError("need 1 <= map_size_mb <= max_map_size_mb")
+        if self.max_map_size_mb > MAX_MAP_SIZE_MB:
+            raise ConfigError(f"max_map_size_mb must be at most {MAX_MAP_SIZE_MB} (2**40)")
         if self.max_body_mb < 1:
             raise ConfigError("max_body_mb must be >= 1")
         if self.group_commit_max < 1:
@@ -123,6 +130,22 @@ def _split_tokens(text: str) -> frozenset[str]:
     return frozenset(t.strip() for t in text.split(",") if t.strip())
 
 
+def _token_list(key: str, value: Any) -> frozenset[str]:
+    """Tokens from a TOML array (or comma-separated text): strings only."""
+    if isinstance(value, str):
+        return _split_tokens(value)
+    if not isinstance(value, list | tuple | set | frozenset) or not all(
+        isinstance(t, str) for t in value
+    ):
+        raise ConfigError(f"{key} must be a list of strings")
+    return frozenset(t.strip() for t in value if t.strip())
+
+
+_TEXT_KEYS = frozenset(
+    {"data", "listen", "tls_cert", "tls_key", "log_format", "write_tokens_file", "read_tokens_file"}
+)
+
+
 _KEYS = {f.name for f in fields(OriginConfig)} | {"write_tokens_file", "read_tokens_file"}
 
 
@@ -137,6 +160,8 @@ def from_mapping(values: Mapping[str, Any], base: OriginConfig | None = None) ->
     for key, value in values.items():
         if value is None:
             continue
+        if key in _TEXT_KEYS and not isinstance(value, str | Path):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
         try:
             match key:
                 case "data":
@@ -144,9 +169,7 @@ def from_mapping(values: Mapping[str, Any], base: OriginConfig | None = None) ->
                 case "listen":
                     changes["listen"] = Listen.parse(str(value))
                 case "write_tokens" | "read_tokens":
-                    changes[key] = (
-                        _split_tokens(value) if isinstance(value, str) else frozenset(value)
-                    )
+                    changes[key] = _token_list(key, value)
                 case "write_tokens_file" | "read_tokens_file":
                     changes[key.removesuffix("_file")] = _read_tokens(str(value))
                 case "tls_cert" | "tls_key":
@@ -188,6 +211,8 @@ def load(
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib does not translate this
+            raise ConfigError(f"config {path}: not UTF-8 text ({exc.reason})") from exc
         cfg = from_mapping(doc, cfg)
     env = os.environ if environ is None else environ
     env_values = {

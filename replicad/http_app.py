@@ -19,7 +19,9 @@ its settings and metrics. One request goes through these steps, in order:
    all, auth is off.
 3. **Read the body** incrementally, never more than ``max_body_bytes``: a
    ``Content-Length`` above the limit is ``413`` before any byte is read, and
-   a body that grows past the limit is ``413`` as soon as it does.
+   a body that grows past the limit is ``413`` as soon as it does; a body
+   that stalls for ``body_timeout`` seconds is ``408`` (so a slow client
+   cannot hold a connection forever).
 4. **Decode** JSON or msgpack by ``Content-Type`` (``415`` otherwise; no
    content type means JSON, so ``curl -d`` works), check the shape, convert
    keys and bytes (JSON: keys are strings whose UTF-8 bytes are the key,
@@ -126,6 +128,11 @@ MSGPACK_TYPES = frozenset(
     {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 )
 DEFAULT_PING_INTERVAL = 15.0
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a request body may go without a byte before the request is
+answered 408 and its connection closed: a client that sends its headers and
+then trickles (or stops) its body would otherwise hold a connection forever
+(the server's own timeout only covers the request line and headers)."""
 MAX_INFO_BYTES = 64 * 1024
 """Bound of an ack's ``info`` object (as JSON): the fleet view keeps one per replica."""
 
@@ -477,17 +484,21 @@ class OriginApp:
         max_body_bytes: int = 256 << 20,
         ping_interval: float = DEFAULT_PING_INTERVAL,
         openapi: Mapping[str, Any] | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         if max_body_bytes < 1:
             raise ConfigError("max_body_bytes must be >= 1")
         if ping_interval <= 0:
             raise ConfigError("ping_interval must be > 0")
+        if not body_timeout > 0:
+            raise ConfigError("body_timeout must be > 0")
         self.service = service
         self._write = [t.encode("utf-8") for t in write_tokens]
         self._read = [t.encode("utf-8") for t in read_tokens]
         self.auth_enabled = bool(self._write or self._read)
         self.max_body_bytes = max_body_bytes
         self.ping_interval = ping_interval
+        self.body_timeout = body_timeout
         if openapi is None:
             from replicad.openapi import build
 
@@ -659,7 +670,13 @@ class OriginApp:
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await req.receive()
+            message: Message | None = None
+            with trio.move_on_after(self.body_timeout):
+                message = await req.receive()
+            if message is None:
+                raise HttpError(
+                    408, "timeout", f"no request body bytes for {self.body_timeout:g} s"
+                )
             if message["type"] == "http.disconnect":
                 raise _ClientGoneError()
             chunk = message.get("body", b"")

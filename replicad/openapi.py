@@ -26,6 +26,7 @@ _ERROR_CODES = [
     "method_not_allowed",
     "exists",
     "too_large",
+    "timeout",
     "unsupported_media_type",
     "bad_frame",
     "storage_full",
