@@ -394,8 +394,9 @@ class ReplicaSync:
             self._on_response(resp, now)
         except (ProtocolError, MerkleError) as exc:
             self._fail(now, f"bad answer: {exc}")
-        else:
-            self._failures_in_row = 0
+        # the failure streak ends with progress (a committed apply), not with
+        # an answer: a step that fails after a good answer (an apply on a
+        # full disk, a refused next query) must keep backing off
 
     def failed(self, reason: str, now: float) -> None:
         """The outstanding request (or snapshot stream) failed. Back off."""
@@ -416,6 +417,7 @@ class ReplicaSync:
             self.stats.digest_mismatches += 1
             self._on_mismatch(batch, now)
             return
+        self._failures_in_row = 0
         self.stats.records_applied += len(batch.upserts) + len(batch.deletes)
         if batch.meta is not None:
             self.meta_revision = batch.meta.revision

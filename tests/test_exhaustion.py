@@ -602,12 +602,6 @@ def test_a_flood_of_socket_clients_is_bounded_and_the_rest_are_served(tmp_path: 
 # --------------------------------------------------------------------- retries
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported to the lead: replicad/replica.py resets the failure streak on every "
-    "answer, so an Apply that keeps failing (full map or disk) is retried every ~50 ms, "
-    "each time pulling the whole diff again",
-)
 def test_a_mirror_that_cannot_apply_backs_off(tmp_path: Path) -> None:
     from replicad.loopback import LoopbackDriver
     from replicad.memory import MemoryMirror
