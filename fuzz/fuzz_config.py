@@ -29,7 +29,6 @@ with driver.instrumented(__name__ == "__main__" and driver.atheris_wanted()):
     from replicad.errors import ConfigError
     from sidecar import config as sidecar_config
 
-KNOWN_SIDECAR_BUGS: tuple[type[Exception], ...] = (UnicodeDecodeError, TypeError, OverflowError)
 # memory-backed where there is one: a million small files on a busy disk is slow
 _DIR = Path(
     tempfile.mkdtemp(prefix="fuzz-config-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -89,14 +88,6 @@ def one_input(data: bytes) -> None:
             _check_sidecar(sidecar_config.load(_FILE, environ={"SIDECAR_DATASETS": "a"}))
     except ConfigError:
         return
-    except KNOWN_SIDECAR_BUGS:
-        # KNOWN, reported: sidecar/config.py lets a UnicodeDecodeError (a
-        # file that is not UTF-8), a TypeError (``datasets = 5``) and an
-        # OverflowError (``map_size_mb = inf``) out, and accepts NaN
-        # intervals. Remove once fixed: the strict xfail in
-        # tests/test_fuzz_decoders.py will then say so.
-        if target == 0:
-            raise
 
 
 def seeds() -> list[bytes]:

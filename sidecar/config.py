@@ -35,6 +35,7 @@ defaults.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tomllib
@@ -123,9 +124,12 @@ def _float(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ConfigError(f"{key} must be a number")
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
 
 
 def _int(key: str, value: object) -> int:
@@ -133,7 +137,7 @@ def _int(key: str, value: object) -> int:
         raise ConfigError(f"{key} must be an integer")
     try:
         return int(str(value), 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key} must be an integer, got {value!r}") from None
 
 
@@ -165,6 +169,15 @@ def _bool(key: str, value: object) -> bool:
     raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
+def _items(key: str, value: object) -> list[object]:
+    """A list setting: a list, or comma-separated text."""
+    if isinstance(value, str):
+        return list(value.split(","))
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise ConfigError(f"{key} must be a list or comma-separated text, got {value!r}")
+
+
 def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -> SidecarConfig:
     """Apply ``values`` (None values ignored). ConfigError for unknown keys
     or values of the wrong type."""
@@ -188,7 +201,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
             case "socket_mode":
                 changes[key] = _mode(key, value)
             case "datasets":
-                items = value.split(",") if isinstance(value, str) else list(value)
+                items = _items(key, value)
                 changes[key] = tuple(str(v).strip() for v in items if str(v).strip())
             case "token":
                 changes[key] = str(value).strip() or None
@@ -200,7 +213,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
             case "health" | "serve_sync":
                 changes[key] = Listen.parse(str(value)) if str(value) else None
             case "relay_read_tokens":
-                items = value.split(",") if isinstance(value, str) else list(value)
+                items = _items(key, value)
                 changes[key] = frozenset(str(v).strip() for v in items if str(v).strip())
             case (
                 "poll_interval"
@@ -239,7 +252,7 @@ def load(
                 cfg = from_mapping(tomllib.load(fh), cfg)
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path}: {exc}") from exc
     env = os.environ if environ is None else environ
     # a fixed order (not the set's): SIDECAR_TOKEN_FILE first, so that
