@@ -74,6 +74,7 @@ from replicad.messages import (
     from_wire,
     to_wire,
 )
+from replicad.relay_history import RelayHistory
 from replicad.replica import (
     Apply,
     LocalContent,
@@ -168,6 +169,7 @@ __all__ = [
     "ProtocolError",
     "QueueDelta",
     "RecordError",
+    "RelayHistory",
     "ReplicaState",
     "ReplicaSync",
     "ReplicadError",

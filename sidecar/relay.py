@@ -11,14 +11,15 @@ app serves it: ``/v1/sync`` (diff, snapshot, Merkle), ``/v1/hints``,
 
 Cursors pass through unchanged: the relay's mirror is at origin cursor
 ``(epoch, version)``, and so are the replicas below it. Diffs need history,
-which the relay keeps as a version queue per dataset, in memory: every
-diff the relay applies advances it (one entry for the versions that diff
-covered). A snapshot or Merkle sync at the relay, or a relay restart,
-starts the queue afresh at the relay's cursor; a replica below with an older
-cursor then gets ``CursorUnservable`` and repairs with Merkle against the
-relay, shipping only differences. The queue is maintained in the mirror's
-commit hook, under the same lock as the commit, so every view a request
-opens sees a queue that matches its records.
+which the relay keeps per dataset in memory with
+:class:`~replicad.relay_history.RelayHistory` (the sans-IO rules, shared with
+the simulation): every diff or push the relay applies advances it and is
+passed on as a push; a snapshot or Merkle sync at the relay, or a relay
+restart, starts it afresh at the relay's cursor, and a replica below with an
+older cursor then repairs with Merkle against the relay, shipping only
+differences. The history is maintained in the mirror's commit hook, under the
+same lock as the commit, so every view a request opens sees a queue that
+matches its records.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ from replicad.messages import (
 )
 from replicad.metrics import Registry
 from replicad.origin_types import DatasetInfo, DatasetSpec, FleetEntry, WriteBatch, WriteResult
-from replicad.replica import Apply, SyncKind, Target
+from replicad.relay_history import RelayHistory
+from replicad.replica import Apply
 from replicad.responder import ResponderConfig, respond, snapshot_chunk
 from replicad.schema import Schema
-from replicad.version_queue import VersionQueue
 from sidecar.mirror import Mirror
 from sidecar.reader import codec_from_definition
 
@@ -77,7 +78,7 @@ class RelayService:
         self.responder = responder or ResponderConfig()
         self.clock = clock
         self.max_entries = max_entries
-        self._queues: dict[str, VersionQueue] = {}
+        self._histories: dict[str, RelayHistory] = {}
         self._hints = HintHub()
         self._fleet = Fleet(clock)
         self._codecs: dict[str, tuple[bytes, DatasetCodec]] = {}
@@ -86,55 +87,28 @@ class RelayService:
         )
         with mirror.locked():
             for name in mirror.names():
-                self._reset_queue(name)
+                self._history(name)
         mirror.on_commit = self._on_commit
 
     # --- history (called under the mirror's state lock)
 
-    def _reset_queue(self, name: str) -> None:
-        cursor = self.mirror.cursor(name)
-        if cursor is None:
-            self._queues.pop(name, None)
-        else:
-            self._queues[name] = VersionQueue(
-                cursor.epoch, floor=cursor.version, max_entries=self.max_entries
+    def _history(self, name: str) -> RelayHistory:
+        history = self._histories.get(name)
+        if history is None:
+            history = self._histories[name] = RelayHistory(
+                name,
+                self.mirror.cursor(name),
+                max_entries=self.max_entries,
+                push_max_bytes=self.push_max_bytes,
             )
+        return history
 
     def _on_commit(self, name: str, batch: Apply) -> None:
-        if batch.cursor is None:  # a staged snapshot chunk: nothing visible yet
-            return
-        queue = self._queues.get(name)
-        simple = batch.kind in (SyncKind.DIFF, SyncKind.PUSH) and batch.target is Target.LIVE
-        self._pushes.pop(name, None)
-        if (
-            simple
-            and queue is not None
-            and queue.epoch == batch.cursor.epoch
-            and batch.cursor.version >= queue.version
-        ):
-            if batch.cursor.version > queue.version:
-                keys = [k for k, _ in batch.upserts]
-                keys.extend(batch.deletes)
-                since = Cursor(queue.epoch, queue.version)
-                queue = queue.copy()
-                queue.advance(batch.cursor.version, keys)
-                self._queues[name] = queue
-                push = DiffPush(
-                    name,
-                    since,
-                    batch.cursor,
-                    batch.expected_digest or self.mirror.digest(name),
-                    tuple(batch.upserts),
-                    tuple(batch.deletes),
-                    batch.meta.revision
-                    if batch.meta is not None
-                    else self.mirror.state(name).meta_revision,
-                    batch.meta,
-                )
-                if push.size <= self.push_max_bytes and batch.expected_digest is not None:
-                    self._pushes[name] = push  # published by publish(), in trio
-            return
-        self._reset_queue(name)
+        push = self._history(name).observe(batch, self.mirror.state(name).meta_revision)
+        if push is None:
+            self._pushes.pop(name, None)
+        else:
+            self._pushes[name] = push  # published by publish(), in trio
 
     def publish(self, name: str) -> None:
         """Announce the mirror's current cursor of ``name`` to subscribers
@@ -169,7 +143,7 @@ class RelayService:
             digest = self.mirror.digest(name)
             definition = self.mirror.definition(name) or b""
             revision = self.mirror.state(name).meta_revision
-            queue = self._queues.get(name)
+            queue = self._history(name).queue
         assert cursor is not None
         doc = msgpack.unpackb(definition, raw=False) if definition else {}
         schemas = [Schema.from_json(s) for s in doc.get("schemas", [])]
@@ -220,7 +194,7 @@ class RelayService:
 
     def _answer(self, request: Request) -> Response:
         with self.mirror.view(request.dataset) as view:
-            view.queue = self._queues.get(request.dataset)
+            view.queue = self._history(request.dataset).queue
             if isinstance(request, MerkleNodesRequest):
                 with self.mirror.locked():
                     return respond(view, request, self.responder)

@@ -10,14 +10,10 @@ sidecar's LMDB relay (``sidecar/relay.py``) rule for rule:
 
 * cursors pass through unchanged (the relay's mirror is at an origin cursor,
   and so are the replicas below it);
-* diffs need history, kept as an in-memory
-  :class:`~replicad.version_queue.VersionQueue`: every committed *diff* batch
-  that moves the live cursor forward in the same epoch advances it by one
-  entry (the batch's keys, covering the versions the diff spanned); any other
-  commit -- a Merkle repair, a promoted snapshot, another epoch -- and every
-  relay restart start the queue afresh at the relay's cursor, so a replica
-  below with an older cursor gets ``CursorUnservable`` and repairs with Merkle
-  against the relay;
+* diffs need history: the real :class:`~replicad.relay_history.RelayHistory`
+  (a diff or push batch advances it, anything else and every relay restart
+  start it afresh at the relay's cursor, so a replica below with an older
+  cursor gets ``CursorUnservable`` and repairs with Merkle against the relay);
 * a snapshot scans the live records in key order (the position token is the
   key), the sorted key list being rebuilt lazily once per live commit.
 
@@ -34,8 +30,8 @@ from replicad.errors import EpochMismatchError
 from replicad.memory import MemoryMirror
 from replicad.merkle import Digest, LeafEntries, MerkleTree
 from replicad.messages import Cursor, MetaBlob, Record
-from replicad.replica import Apply, SyncKind, Target
-from replicad.version_queue import VersionQueue
+from replicad.relay_history import RelayHistory
+from replicad.replica import Apply
 
 _NO_META = MetaBlob(0, b"")
 
@@ -46,42 +42,20 @@ class MirrorView:
     def __init__(self, name: str, mirror: MemoryMirror, *, max_entries: int = 1024) -> None:
         self._name = name
         self.mirror = mirror
-        self.max_entries = max_entries
-        self.queue: VersionQueue | None = None
+        self.history = RelayHistory(name, mirror.cursor, max_entries=max_entries)
         self._sorted: list[bytes] = []
         self._sorted_at = -1
-        self.reset()
 
     # --- history
 
     def reset(self) -> None:
-        """Start the history afresh at the mirror's cursor (relay start-up,
-        or a commit the queue cannot describe)."""
-        cursor = self.mirror.cursor
-        self.queue = (
-            None
-            if cursor is None
-            else VersionQueue(cursor.epoch, floor=cursor.version, max_entries=self.max_entries)
-        )
+        """Start the history afresh at the mirror's cursor (relay start-up)."""
+        self.history.reset(self.mirror.cursor)
 
     def observe(self, batch: Apply) -> None:
-        """Account for ``batch``, which the mirror has just committed."""
-        if batch.cursor is None:  # a staged snapshot chunk: nothing visible changed
-            return
-        queue = self.queue
-        simple = batch.kind is SyncKind.DIFF and batch.target is Target.LIVE
-        if (
-            simple
-            and queue is not None
-            and queue.epoch == batch.cursor.epoch
-            and batch.cursor.version >= queue.version
-        ):
-            if batch.cursor.version > queue.version:
-                keys = [k for k, _ in batch.upserts]
-                keys.extend(batch.deletes)
-                queue.advance(batch.cursor.version, keys)
-            return
-        self.reset()
+        """Account for ``batch``, which the mirror has just committed (the
+        simulated relays pass no pushes on)."""
+        self.history.observe(batch, self.meta.revision)
 
     # --- DatasetView
 
@@ -116,9 +90,10 @@ class MirrorView:
         return self.mirror.live.records.get(key)
 
     def keys_since(self, since: Cursor) -> Collection[bytes]:
-        if self.queue is None:
+        queue = self.history.queue
+        if queue is None:
             raise EpochMismatchError("the relay holds no history for this dataset")
-        return self.queue.keys_since(since.epoch, since.version)
+        return queue.keys_since(since.epoch, since.version)
 
     def leaf_entries(self, leaf: int) -> LeafEntries:
         return self.mirror.live.leaves.leaf_entries(leaf)
