@@ -50,9 +50,7 @@ class Subscription:
             else:
                 pending = self._pending.get(event.dataset)
                 if isinstance(pending, DiffPush):
-                    merged = pending.follow(event)
-                    if merged is not None and merged.size <= self.max_push_bytes:
-                        event = merged
+                    event = pending.follow(event, self.max_push_bytes) or event
         self._pending[event.dataset] = event
         self._wakeup.set()
 

@@ -218,9 +218,10 @@ class DiffPush:
         """Payload bytes (keys and values), for size limits."""
         return sum(len(k) + len(v) for k, v in self.upserts) + sum(map(len, self.deletes))
 
-    def follow(self, later: DiffPush) -> DiffPush | None:
+    def follow(self, later: DiffPush, max_bytes: int | None = None) -> DiffPush | None:
         """One push equal to this one followed by ``later`` (which must start
-        where this one ends), or None if it does not."""
+        where this one ends), or None if it does not, or if the merged push
+        would carry more than ``max_bytes`` (see :attr:`size`)."""
         if later.dataset != self.dataset or later.since != self.cursor:
             return None
         gone = set(later.deletes)
@@ -228,7 +229,7 @@ class DiffPush:
         ups.update(later.upserts)
         dels = dict.fromkeys(d for d in self.deletes if d not in ups)
         dels.update(dict.fromkeys(later.deletes))
-        return DiffPush(
+        merged = DiffPush(
             self.dataset,
             self.since,
             later.cursor,
@@ -238,6 +239,7 @@ class DiffPush:
             later.meta_revision,
             later.meta if later.meta is not None else self.meta,
         )
+        return merged if max_bytes is None or merged.size <= max_bytes else None
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,13 @@ class OriginService:
             pending.result = result
             if isinstance(result, WriteResult):
                 if result.dataset in written:
-                    pushes[result.dataset] = _follow(
-                        pushes[result.dataset], result.push, self.store.push_max_bytes
+                    # the group's batches of one dataset, merged in commit
+                    # order; none as soon as one has none (too large)
+                    so_far = pushes[result.dataset]
+                    pushes[result.dataset] = (
+                        so_far.follow(result.push, self.store.push_max_bytes)
+                        if so_far is not None and result.push is not None
+                        else None
                     )
                 else:
                     pushes[result.dataset] = result.push
@@ -273,12 +278,3 @@ class OriginService:
         if current.epoch != cursor.epoch:
             return None
         return max(0, current.version - cursor.version)
-
-
-def _follow(so_far: DiffPush | None, nxt: DiffPush | None, limit: int) -> DiffPush | None:
-    """The group's pushes of one dataset merged in commit order; None as
-    soon as one batch has none (too large) or the merge outgrows ``limit``."""
-    if so_far is None or nxt is None:
-        return None
-    merged = so_far.follow(nxt)
-    return merged if merged is not None and merged.size <= limit else None

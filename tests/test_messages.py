@@ -144,4 +144,6 @@ def test_following_pushes_merge_into_one_with_the_later_values() -> None:
     assert first.follow(DiffPush("ds", c2, c3, D)) is None  # a gap
     assert first.follow(DiffPush("other", c1, c2, D)) is None
     assert merged.hint == Hint("ds", c2, D)
+    assert first.follow(second, max_bytes=merged.size) == merged
+    assert first.follow(second, max_bytes=merged.size - 1) is None  # too large merged
     assert first.size == 1 + 1 + 1 + 1 + 1
