@@ -1,12 +1,26 @@
-"""Cursor walks over LMDB databases shared by the origin store and the
-sidecar mirror (both adapters, so this module may touch LMDB objects; it
-imports nothing from lmdb itself)."""
+"""LMDB reads shared by the origin store and the sidecar mirror (both
+adapters, so this module may touch LMDB objects; it imports nothing from lmdb
+itself): cursor walks, and :class:`LmdbDatasetView`, the
+:class:`~replicad.responder.DatasetView` both serve sync requests from.
+
+Both keep a dataset in two databases: records (key -> value bytes, in key
+order) and the Merkle leaf index (leaf, 4 bytes big-endian, + key -> the
+16-byte big-endian entry hash)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
+from collections.abc import Collection, Iterator
 from itertools import islice
 from typing import Any
+
+from replicad.errors import HistoryTruncatedError, MerkleError, UnknownDatasetError
+from replicad.merkle import Digest, LeafEntries, MerkleTree
+from replicad.messages import Cursor, MetaBlob, Record
+from replicad.version_queue import VersionQueue
+
+LEAF_PREFIX = struct.Struct(">I")
+"""The leaf index's key prefix."""
 
 
 def scan_after(
@@ -36,3 +50,75 @@ def with_prefix(cursor: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
             if k[:n] != prefix:
                 return
             yield bytes(k[n:]), bytes(v)
+
+
+class LmdbDatasetView:
+    """One dataset at one version: its records and leaf index read in the
+    given read transactions, with the cursor, digest, definition, tree and
+    version queue captured at the same moment (the caller's lock makes them
+    one version). ``cursor`` None means not synced yet (a relay's mirror);
+    ``queue`` None means no history (diffs are refused as truncated)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        records: tuple[Any, Any],
+        leaves: tuple[Any, Any],
+        cursor: Cursor | None,
+        digest: Digest,
+        meta: MetaBlob,
+        tree: MerkleTree,
+        queue: VersionQueue | None,
+    ) -> None:
+        self._name = name
+        self._records_txn, self._records_db = records
+        self._leaves_txn, self._leaves_db = leaves
+        self._cursor = cursor
+        self._digest = digest
+        self._meta = meta
+        self._tree = tree
+        self.queue = queue
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def cursor(self) -> Cursor:
+        if self._cursor is None:
+            raise UnknownDatasetError(f"dataset {self._name!r} has not been synced yet")
+        return self._cursor
+
+    @property
+    def digest(self) -> Digest:
+        return self._digest
+
+    @property
+    def meta(self) -> MetaBlob:
+        return self._meta
+
+    @property
+    def tree(self) -> MerkleTree:
+        """The live tree: read it only under the owner's lock."""
+        return self._tree
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._records_txn.get(key, db=self._records_db)
+        return None if value is None else bytes(value)
+
+    def keys_since(self, since: Cursor) -> Collection[bytes]:
+        if self.queue is None:
+            raise HistoryTruncatedError(f"no history is kept for {self._name!r}")
+        return self.queue.keys_since(since.epoch, since.version)
+
+    def leaf_entries(self, leaf: int) -> LeafEntries:
+        if not 0 <= leaf < self._tree.geometry.leaves:
+            raise MerkleError(f"leaf {leaf} outside the tree")
+        cur = self._leaves_txn.cursor(db=self._leaves_db)
+        prefix = LEAF_PREFIX.pack(leaf)
+        return [(k, int.from_bytes(h, "big")) for k, h in with_prefix(cur, prefix)]
+
+    def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
+        """Records in key order; the position token is the last key."""
+        return scan_after(self._records_txn.cursor(db=self._records_db), after, limit)

@@ -74,8 +74,9 @@ from replicad.errors import (
     StorageError,
     UnknownDatasetError,
 )
-from replicad.lmdb_scan import scan_after, with_prefix
-from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
+from replicad.lmdb_scan import LEAF_PREFIX as _LEAF
+from replicad.lmdb_scan import LmdbDatasetView
+from replicad.merkle import Digest, Geometry, MerkleTree, entry_hash
 from replicad.messages import (
     Cursor,
     DiffPush,
@@ -110,7 +111,6 @@ MAX_QUEUE_KEYS = 1_000_000
 """Keys a dataset's version queue may hold; past it the oldest history is
 dropped (replicas that old repair with Merkle). Entries larger than the
 biggest diff the responder ships would be useless anyway."""
-_LEAF = struct.Struct(">I")
 _VERSION = struct.Struct(">Q")
 FORMAT = 2
 """The store's on-disk format (see the module docstring)."""
@@ -890,7 +890,7 @@ class OriginStore:
     # ------------------------------------------------------------ reads
 
     @contextmanager
-    def view(self, name: str) -> Iterator[LmdbView]:
+    def view(self, name: str) -> Iterator[LmdbDatasetView]:
         """A consistent read-only view of one dataset at its current version
         (a :class:`~replicad.responder.DatasetView`). Keep it short: LMDB
         cannot reuse pages a live reader still sees."""
@@ -902,14 +902,14 @@ class OriginStore:
             except BaseException:
                 txn.abort()
                 raise
-            view = LmdbView(
-                self,
-                ds,
-                txn,
-                itxn,
+            view = LmdbDatasetView(
+                ds.name,
+                records=(txn, ds.records_db),
+                leaves=(itxn, ds.leaves_db),
                 cursor=ds.cursor,
                 digest=ds.tree.digest,
                 meta=ds.meta_blob,
+                tree=ds.tree,
                 queue=ds.queue,
             )
             self._readers += 1
@@ -984,69 +984,6 @@ class _Pending:
     revision: int
     dictionary_mark: int
     definition: bytes | None = None
-
-
-class LmdbView:
-    """One dataset at one version, over one LMDB read transaction."""
-
-    def __init__(
-        self,
-        store: OriginStore,
-        ds: _Dataset,
-        txn: Any,
-        index_txn: Any,
-        *,
-        cursor: Cursor,
-        digest: Digest,
-        meta: MetaBlob,
-        queue: VersionQueue,
-    ) -> None:
-        self._store = store
-        self._ds = ds
-        self._txn = txn
-        self._index_txn = index_txn
-        self._cursor = cursor
-        self._digest = digest
-        self._meta = meta
-        self._queue = queue
-
-    @property
-    def name(self) -> str:
-        return self._ds.name
-
-    @property
-    def cursor(self) -> Cursor:
-        return self._cursor
-
-    @property
-    def digest(self) -> Digest:
-        return self._digest
-
-    @property
-    def meta(self) -> MetaBlob:
-        return self._meta
-
-    @property
-    def tree(self) -> MerkleTree:
-        """The live tree: read it only under :meth:`OriginStore.locked`."""
-        return self._ds.tree
-
-    def get(self, key: bytes) -> bytes | None:
-        value = self._txn.get(key, db=self._ds.records_db)
-        return None if value is None else bytes(value)
-
-    def keys_since(self, since: Cursor) -> Collection[bytes]:
-        return self._queue.keys_since(since.epoch, since.version)
-
-    def leaf_entries(self, leaf: int) -> LeafEntries:
-        if not 0 <= leaf < self._ds.spec.geometry.leaves:
-            raise MerkleError(f"leaf {leaf} outside the tree")
-        cur = self._index_txn.cursor(db=self._ds.leaves_db)
-        return [(k, int.from_bytes(h, "big")) for k, h in with_prefix(cur, _LEAF.pack(leaf))]
-
-    def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
-        """Records in key order; the position token is the last key."""
-        return scan_after(self._txn.cursor(db=self._ds.records_db), after, limit)
 
 
 def decode_definition(blob: MetaBlob) -> Mapping[str, Any]:

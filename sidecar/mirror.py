@@ -46,10 +46,9 @@ after a transaction commits.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,18 +60,15 @@ from xxhash import xxh3_64_intdigest
 
 from replicad.errors import (
     CorruptStateError,
-    HistoryTruncatedError,
     MapFullError,
-    MerkleError,
     StorageError,
-    UnknownDatasetError,
 )
-from replicad.lmdb_scan import scan_after, with_prefix
+from replicad.lmdb_scan import LEAF_PREFIX as _LEAF
+from replicad.lmdb_scan import LmdbDatasetView, with_prefix
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
 
-_LEAF = struct.Struct(">I")
 MAX_DATASETS = 64
 """Default bound on datasets per mirror (four LMDB databases each): LMDB's
 cost of beginning any transaction grows with the bound, so it is modest by
@@ -92,65 +88,6 @@ def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | Non
             xor ^= new_h
             count += 1
     return Digest(count, xor)
-
-
-class MirrorView:
-    """One dataset of the mirror at one version (a
-    :class:`replicad.responder.DatasetView`), for relays. Version history
-    (``keys_since``) comes from the relay's queue, given as ``queue``."""
-
-    def __init__(self, mirror: Mirror, ds: _DatasetState, txn: Any) -> None:
-        self._mirror = mirror
-        self._ds = ds
-        self._txn = txn
-        self._gen = ds.live
-        self.cursor_or_none = ds.cursor
-        self._digest = ds.live.tree.digest
-        self._meta = MetaBlob(ds.meta_revision, ds.definition or b"")
-        self.queue: Any = None
-
-    @property
-    def name(self) -> str:
-        return self._ds.name
-
-    @property
-    def cursor(self) -> Cursor:
-        if self.cursor_or_none is None:
-            raise UnknownDatasetError(f"the relay has not synced {self._ds.name!r} yet")
-        return self.cursor_or_none
-
-    @property
-    def digest(self) -> Digest:
-        return self._digest
-
-    @property
-    def meta(self) -> MetaBlob:
-        return self._meta
-
-    @property
-    def tree(self) -> MerkleTree:
-        return self._gen.tree
-
-    def get(self, key: bytes) -> bytes | None:
-        value = self._txn.get(key, db=self._gen.records)
-        return None if value is None else bytes(value)
-
-    def keys_since(self, since: Cursor) -> Collection[bytes]:
-        if self.queue is None:
-            raise HistoryTruncatedError("this relay keeps no history")
-        keys: Collection[bytes] = self.queue.keys_since(since.epoch, since.version)
-        return keys
-
-    def leaf_entries(self, leaf: int) -> LeafEntries:
-        if not 0 <= leaf < self._gen.tree.geometry.leaves:
-            raise MerkleError(f"leaf {leaf} outside the tree")
-        cur = self._txn.cursor(db=self._gen.leaves)
-        return [(k, int.from_bytes(v, "big")) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
-
-    def scan(
-        self, after: bytes | None, limit: int
-    ) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
-        return scan_after(self._txn.cursor(db=self._gen.records), after, limit)
 
 
 def _db_name(kind: str, name: str, gen: int) -> bytes:
@@ -425,7 +362,7 @@ class Mirror:
                 self._state_lock.notify_all()
 
     @contextmanager
-    def view(self, name: str) -> Iterator[MirrorView]:
+    def view(self, name: str) -> Iterator[LmdbDatasetView]:
         """A consistent view of one dataset for serving sync requests (a
         relay): its read transaction, cursor, digest and definition are
         captured together, under the lock commits take."""
@@ -433,7 +370,16 @@ class Mirror:
             ds = self._state(name)
             txn = self._env.begin()  # may raise (reader slots full): count only after
             self._readers += 1
-            view = MirrorView(self, ds, txn)
+            view = LmdbDatasetView(
+                name,
+                records=(txn, ds.live.records),
+                leaves=(txn, ds.live.leaves),
+                cursor=ds.cursor,
+                digest=ds.live.tree.digest,
+                meta=MetaBlob(ds.meta_revision, ds.definition or b""),
+                tree=ds.live.tree,
+                queue=None,  # the relay sets its history's queue
+            )
         try:
             yield view
         finally:
