@@ -225,8 +225,15 @@ def test_every_command_family(served: tuple[SidecarProcess, Path], conn: Resp) -
         if cursor == b"0":
             break
     assert keys == [b"user:%04d" % i for i in range(RECORDS)]
+    # the sync loop's state reaches the workers every 0.1 s (docs/reads.md):
+    # wait, boundedly, until this worker has the ready state /readyz reported
+    deadline = time.monotonic() + 10
+    while True:
+        info = conn.call("INFO", "replication").decode()
+        if info.count(",ready=1") >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     status = sidecar.status()["datasets"]
-    info = conn.call("INFO", "replication").decode()
     for name in ("up", "blobs", "ver"):
         line = next(x for x in info.split("\r\n") if x.startswith(f"dataset_{name}:"))
         fields = dict(item.split("=") for item in line.split(":", 1)[1].split(","))
