@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import httpx
 import msgpack
 
 from benchmarks.common import Row
+from benchmarks.procs import free_port
 from replicad.frames import encode_frame
 from replicad.messages import Cursor, DiffRequest, SnapshotRequest, to_wire
 from replicad.origin_types import DatasetSpec, WriteBatch
@@ -108,17 +108,10 @@ def _snapshot_rate(path: Path) -> float:
     return statistics.median(rates)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _ingest_http(path: Path, batches: list[dict[bytes, dict[str, object]]]) -> float | None:
     """Records/s through POST /v1/datasets/up/batch (msgpack), or None when
     the server cannot be started here."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -43,10 +43,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -62,10 +60,10 @@ import httpx
 import msgpack
 
 from benchmarks.common import Row
+from benchmarks.procs import Proc, free_port, wait
 from replicad.codec import DatasetCodec
 from replicad.sample import seed_like_record, seed_like_schema
 
-ROOT = Path(__file__).resolve().parent.parent
 TYPED = "user_profile"
 OPAQUE = "profile_json"
 CLIENTS = 50
@@ -87,67 +85,6 @@ def _json(i: int, codec: DatasetCodec) -> bytes:
 
 
 # ---------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICAD_", "SIDECAR_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-class _Proc:
-    """A child process, its output in a log file; stopped with SIGTERM."""
-
-    def __init__(self, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "ab") as fh:
-            self.popen = subprocess.Popen(
-                list(cmd),
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=fh,
-                cwd=str(ROOT),
-                env=env or _env(),
-            )
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def tail(self) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-        except OSError:
-            return "(no log)"
-
-
-def _wait(what: str, proc: _Proc, ready: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if not proc.alive():
-            raise RuntimeError(f"{what} exited:\n{proc.tail()}")
-        with contextlib.suppress(httpx.TransportError, OSError):
-            if ready():
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{proc.tail()}")
-        time.sleep(0.05)
 
 
 def _pings(path: Path) -> Callable[[], bool]:
@@ -172,7 +109,7 @@ class _Setup:
 def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> _Setup:
     """The origin with ``n`` records in both datasets, a ready sidecar with
     its socket, and (if installed) a redis-server holding the same JSON."""
-    port = _free_port()
+    port = free_port()
     # nice 19: on a real host the origin is another machine; here it must not
     # take the CPU the sidecar and its readers would have there
     origin_cmd = [
@@ -180,10 +117,10 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
         sys.executable, "-m", "replicad.server", "--data", str(tmp / "origin"),
         "--listen", f"127.0.0.1:{port}", "--no-durable", "--log-format", "json",
     ]  # fmt: skip
-    origin = _Proc(origin_cmd, tmp / "origin.log")
+    origin = Proc(origin_cmd, tmp / "origin.log")
     stack.callback(origin.stop)
     url = f"http://127.0.0.1:{port}"
-    _wait("origin", origin, lambda: httpx.get(url + "/healthz").status_code == 200, 30)
+    wait("origin", origin, lambda: httpx.get(url + "/healthz").status_code == 200, 30)
     codec = DatasetCodec([seed_like_schema()])
     with httpx.Client(base_url=url, timeout=300) as client:
         schema = seed_like_schema().to_json()
@@ -194,17 +131,17 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
             _post(client, TYPED, {_key(i): seed_like_record(i) for i in span})
             _post(client, OPAQUE, {_key(i): _json(i, codec) for i in span})
     sock = tmp / "sidecar.sock"
-    hport = _free_port()
+    hport = free_port()
     sidecar_cmd = [
         sys.executable, "-m", "sidecar", "run", "--origin", url,
         "--datasets", f"{TYPED},{OPAQUE}", "--data", str(tmp / "mirror"),
         "--health", f"127.0.0.1:{hport}", "--socket", str(sock), "--log-format", "json",
     ]  # fmt: skip
-    sidecar = _Proc(sidecar_cmd, tmp / "sidecar.log")
+    sidecar = Proc(sidecar_cmd, tmp / "sidecar.log")
     stack.callback(sidecar.stop)
     health = f"http://127.0.0.1:{hport}"
-    _wait("sidecar", sidecar, lambda: httpx.get(health + "/readyz").status_code == 200, 600)
-    _wait("sidecar socket", sidecar, _pings(sock), 30)
+    wait("sidecar", sidecar, lambda: httpx.get(health + "/readyz").status_code == 200, 600)
+    wait("sidecar socket", sidecar, _pings(sock), 30)
     redis_sock = None
     if have_redis:
         redis_sock = tmp / "redis.sock"
@@ -212,9 +149,9 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
             "redis-server", "--port", "0", "--unixsocket", str(redis_sock),
             "--save", "", "--appendonly", "no", "--dir", str(tmp),
         ]  # fmt: skip
-        redis_proc = _Proc(redis_cmd, tmp / "redis.log")
+        redis_proc = Proc(redis_cmd, tmp / "redis.log")
         stack.callback(redis_proc.stop)
-        _wait("redis-server", redis_proc, _pings(redis_sock), 30)
+        wait("redis-server", redis_proc, _pings(redis_sock), 30)
         _load_redis(redis_sock, n, codec)
     return _Setup(url, health, sock, redis_sock)
 
@@ -415,9 +352,9 @@ def _latency_round(tmp: Path, setup: _Setup, n: int, diff: int, round_no: int) -
                 sys.executable, "-m", "benchmarks.bench_reads", "--probe", str(path), TYPED,
                 str(n), str(PROBE_RATE), str(stopfile), str(outs[name]),
             ]  # fmt: skip
-            probes.append(_Proc(cmd, tmp / f"probe-{name}{round_no}.log"))
+            probes.append(Proc(cmd, tmp / f"probe-{name}{round_no}.log"))
         for name, probe in zip(targets, probes, strict=True):
-            _wait("probe", probe, Path(str(outs[name]) + ".ready").exists, 30)
+            wait("probe", probe, Path(str(outs[name]) + ".ready").exists, 30)
         idle_from = time.monotonic_ns() + 500_000_000
         time.sleep(IDLE_SECONDS)
         idle_to = time.monotonic_ns()

@@ -46,10 +46,7 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,11 +60,11 @@ import httpx
 import msgpack
 
 from benchmarks.common import Row
+from benchmarks.procs import Proc, free_port, wait
 from replicad.codec import DatasetCodec
 from replicad.errors import ReplicadError
 from replicad.sample import seed_like_record, seed_like_schema
 
-ROOT = Path(__file__).resolve().parent.parent
 DATASET = "up"
 POOL = 100_000
 """Distinct records: key i holds record i % POOL."""
@@ -108,101 +105,29 @@ class _Pool:
 # ---------------------------------------------------------------- processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for name in list(env):  # no tokens or settings from the caller's environment
-        if name.startswith(("REPLICAD_", "SIDECAR_")):
-            del env[name]
-    return env
-
-
-class _Proc:
-    """A child process with its output in a log file; ``stop`` sends SIGTERM,
-    then SIGKILL after a timeout."""
-
-    def __init__(self, cmd: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "ab") as fh:
-            self.popen = subprocess.Popen(
-                list(cmd),
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=fh,
-                cwd=str(ROOT),
-                env=env or _env(),
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _wait(
-    what: str, proc: _Proc, ready: Callable[[], bool], timeout: float, poll: float = 0.02
-) -> None:
-    """Poll ``ready`` until it holds; RuntimeError (with the log's tail) if
-    the process exits or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if not proc.alive():
-            raise RuntimeError(f"{what} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        with contextlib.suppress(httpx.TransportError):
-            if ready():
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{proc.tail()}")
-        time.sleep(poll)
-
-
 def _http_ok(url: str) -> Callable[[], bool]:
     return lambda: httpx.get(url, timeout=2.0).status_code == 200
 
 
 @dataclass
 class _Origin:
-    proc: _Proc
+    proc: Proc
     url: str
 
 
 def _start_origin(stack: contextlib.ExitStack, workdir: Path) -> _Origin:
     workdir.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "replicad.server",
         "--data", str(workdir / "data"),
         "--listen", f"127.0.0.1:{port}",
         "--log-format", "json",
     ]  # fmt: skip
-    proc = _Proc(cmd, workdir / "origin.log")
+    proc = Proc(cmd, workdir / "origin.log")
     stack.callback(proc.stop)
     url = f"http://127.0.0.1:{port}"
-    _wait("origin", proc, _http_ok(url + "/healthz"), 30.0)
+    wait("origin", proc, _http_ok(url + "/healthz"), 30.0)
     schema = seed_like_schema().to_json()
     r = httpx.post(url + "/v1/datasets", json={"name": DATASET, "schema": schema}, timeout=30)
     r.raise_for_status()
@@ -211,7 +136,7 @@ def _start_origin(stack: contextlib.ExitStack, workdir: Path) -> _Origin:
 
 @dataclass
 class _Sidecar:
-    proc: _Proc
+    proc: Proc
     health: str
     mirror: Path
 
@@ -231,7 +156,7 @@ def _start_sidecar(workdir: Path, origin: str) -> _Sidecar:
     ``_Sidecar.mirror``); returns at once."""
     workdir.mkdir(parents=True)
     mirror = _mirror_dir(workdir)
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "sidecar", "run",
         "--origin", origin,
@@ -241,7 +166,7 @@ def _start_sidecar(workdir: Path, origin: str) -> _Sidecar:
         "--replica-id", workdir.name,
         "--log-format", "json",
     ]  # fmt: skip
-    proc = _Proc(cmd, workdir / "sidecar.log")
+    proc = Proc(cmd, workdir / "sidecar.log")
     return _Sidecar(proc, f"http://127.0.0.1:{port}", mirror)
 
 
@@ -436,7 +361,7 @@ def _propagation(
             stack.callback(sc.proc.stop)
             sidecars.append(sc)
         for k, sc in enumerate(sidecars):
-            _wait(f"sidecar {k}", sc.proc, _http_ok(sc.health + "/readyz"), 60.0)
+            wait(f"sidecar {k}", sc.proc, _http_ok(sc.health + "/readyz"), 60.0)
         stopfile = tmp / "stop"
         outs = [tmp / f"probe{k}.json" for k in range(SIDECARS)]
         probes = []
@@ -445,12 +370,12 @@ def _propagation(
                 sys.executable, "-m", "benchmarks.bench_sidecar", "--probe",
                 str(sc.mirror), DATASET, str(stopfile), str(outs[k]), str(PROBE_POLL),
             ]  # fmt: skip
-            probe = _Proc(cmd, tmp / f"probe{k}.log")
+            probe = Proc(cmd, tmp / f"probe{k}.log")
             stack.callback(probe.stop)
             probes.append(probe)
         for k, probe in enumerate(probes):
             ready = Path(str(outs[k]) + ".ready")
-            _wait(f"reader {k}", probe, ready.exists, 30.0)
+            wait(f"reader {k}", probe, ready.exists, 30.0)
         phase_acks: list[tuple[list[tuple[int, int]], float]] = []
         j = 0
         for rate, writers in phases:
@@ -464,7 +389,7 @@ def _propagation(
             phase_acks.append((sorted(acks), achieved))
             last = max((v for v, _ in acks), default=0)
             for k, sc in enumerate(sidecars):
-                _wait(f"sidecar {k} catching up", sc.proc, _reached(sc, last), 30.0)
+                wait(f"sidecar {k} catching up", sc.proc, _reached(sc, last), 30.0)
             time.sleep(0.2)
         stopfile.touch()
         deadline = time.monotonic() + 30
@@ -533,7 +458,7 @@ def _bootstrap(tmp: Path, origin: str, n: int, name: str) -> _Bootstrap:
     sc = _start_sidecar(workdir, origin)
     try:
         # /readyz every 50 ms: each poll costs the sidecar a little CPU
-        _wait("bootstrapping sidecar", sc.proc, _http_ok(sc.health + "/readyz"), 900.0, 0.05)
+        wait("bootstrapping sidecar", sc.proc, _http_ok(sc.health + "/readyz"), 900.0, 0.05)
         seconds = time.perf_counter() - began
         memory = _status(Path(f"/proc/{sc.proc.pid}/status"))
         status = httpx.get(sc.health + "/status", timeout=10).json()["datasets"][DATASET]
@@ -552,11 +477,11 @@ class _RedisSync:
     replica_rss: int
 
 
-def _redis_server(stack: contextlib.ExitStack, workdir: Path, *extra: str) -> tuple[_Proc, Any]:
+def _redis_server(stack: contextlib.ExitStack, workdir: Path, *extra: str) -> tuple[Proc, Any]:
     import redis
 
     workdir.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     cmd = [
         "redis-server",
         "--port", str(port),
@@ -567,11 +492,11 @@ def _redis_server(stack: contextlib.ExitStack, workdir: Path, *extra: str) -> tu
         "--daemonize", "no",
         *extra,
     ]  # fmt: skip
-    proc = _Proc(cmd, workdir / "redis.log")
+    proc = Proc(cmd, workdir / "redis.log")
     stack.callback(proc.stop)
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=60)
     stack.callback(client.close)
-    _wait("redis-server", proc, lambda: bool(client.ping()), 15.0)
+    wait("redis-server", proc, lambda: bool(client.ping()), 15.0)
     return proc, client
 
 
