@@ -161,10 +161,10 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                     f"{(seen - acked) * 1e3:.1f} ms: city={rec['city'] if rec else None!r}, "
                     f"user:00000000 {'deleted' if gone else 'still there'}"
                 )
-            say(f"== try: {_bin('sidecar')} status --health {health_url}")
-            say(f"        {_bin('replicad')} --origin {origin_url} status")
             if keep:
-                say("== both processes keep running; Ctrl-C to stop them")
+                say("== both processes keep running; Ctrl-C to stop them. Meanwhile try:")
+                say(f"   {_bin('sidecar')} status --health {health_url}")
+                say(f"   {_bin('replicad')} --origin {origin_url} status")
                 with contextlib.suppress(KeyboardInterrupt):
                     while origin.poll() is None and sidecar.poll() is None:
                         time.sleep(0.5)
