@@ -71,8 +71,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cramjam
 import msgpack
-import snappy
 import xxhash
 
 from replicad.errors import (
@@ -115,6 +115,12 @@ _KNOWN_FLAGS = FLAG_SNAPPY
 # claiming more than 32x its size is malformed, and is rejected before the
 # decompressor allocates the claimed length.
 _SNAPPY_MAX_RATIO = 32
+# cramjam's raw Snappy is the block format; python-snappy 0.7's compress and
+# uncompress are these same functions plus a bytes() copy of the result, which
+# a multi-megabyte snapshot frame should not pay.
+_compress_raw = cramjam.snappy.compress_raw
+_decompress_raw = cramjam.snappy.decompress_raw
+
 _PREFIX = struct.Struct(">2sBBI")  # magic, flags, kind, length: header bytes [0:8]
 _COMPACT_BYTES = 64 * 1024  # drop consumed buffer bytes once this many pile up
 
@@ -160,7 +166,7 @@ def encode_frame(
     payload = raw
     flags = 0
     if compress or (compress is None and len(raw) >= COMPRESS_MIN_BYTES):
-        packed = snappy.compress(raw)
+        packed = _compress_raw(raw)  # a buffer; joined below without a copy
         if compress or len(packed) * 10 <= len(raw) * 9:
             payload = packed
             flags = FLAG_SNAPPY
@@ -204,8 +210,8 @@ def decode_body(
                 f"snappy payload of {len(payload)} bytes cannot decompress to {claimed}"
             )
         try:
-            data = snappy.uncompress(payload)
-        except (snappy.UncompressError, ValueError, TypeError) as exc:
+            data = memoryview(_decompress_raw(payload))
+        except (cramjam.DecompressionError, ValueError, TypeError) as exc:
             raise FrameFormatError(f"undecodable snappy payload: {exc}") from exc
         if len(data) != claimed:  # pragma: no cover - the decompressor checks this
             raise FrameFormatError("snappy payload length mismatch")

@@ -137,6 +137,9 @@ class _Dataset:
     tree: MerkleTree
     meta_revision: int
     meta_blob: MetaBlob
+    info: DatasetInfo | None = None
+    """What :meth:`OriginStore.info` answers: rebuilt under the state lock
+    with every change, read without it."""
 
     @property
     def cursor(self) -> Cursor:
@@ -257,9 +260,11 @@ class OriginStore:
             state = states[name]
             if state is None:
                 raise CorruptStateError(f"dataset {name!r} has no state record")
-            self._datasets[name] = self._open_dataset(
+            ds = self._open_dataset(
                 name, definition, bytes(state), trees[name] if clean else None, clean
             )
+            ds.info = self._info(ds)
+            self._datasets[name] = ds
         # from here on a crash leaves the index untrusted until a clean close
         with self._env.begin(write=True) as txn:
             txn.put(b"format", str(FORMAT).encode(), db=self._meta_db)
@@ -499,13 +504,21 @@ class OriginStore:
         return ds
 
     def info(self, name: str) -> DatasetInfo:
-        with self._state_lock:
-            ds = self._dataset(name)
-            return self._info(ds)
+        """The dataset's state after its last change. It does not take the
+        state lock, which a commit holds through its fsync: the HTTP event
+        loop asks this on every write and must not wait for a disk."""
+        return self._published(self._dataset(name))
 
     def infos(self) -> list[DatasetInfo]:
-        with self._state_lock:
-            return [self._info(self._datasets[n]) for n in sorted(self._datasets)]
+        """:meth:`info` of every dataset, by name."""
+        found = list(self._datasets.values())  # one C-level copy: safe from other threads
+        return sorted((self._published(ds) for ds in found), key=lambda i: i.name)
+
+    @staticmethod
+    def _published(ds: _Dataset) -> DatasetInfo:
+        if ds.info is None:  # pragma: no cover - set wherever a dataset is made
+            raise StorageError(f"dataset {ds.name!r} has no published state")
+        return ds.info
 
     @staticmethod
     def _info(ds: _Dataset) -> DatasetInfo:
@@ -578,10 +591,11 @@ class OriginStore:
                     )
                 return ds
 
-            ds = self._with_growth(run)
+            made: _Dataset = self._with_growth(run)
             with self._state_lock:
-                self._datasets[spec.name] = ds
-                return self._info(ds)
+                made.info = self._info(made)
+                self._datasets[spec.name] = made
+                return made.info
 
     def evolve_schema(self, name: str, schema: Schema) -> DatasetInfo:
         """Append a schema version (append-only evolution). Raises
@@ -614,7 +628,8 @@ class OriginStore:
                 ds.schemas, ds.codec, ds.spec = schemas, codec, spec
                 ds.meta_revision = revision
                 ds.meta_blob = _meta_blob(definition, revision)
-                return self._info(ds)
+                ds.info = self._info(ds)
+                return ds.info
 
     def reset_history(self, name: str) -> DatasetInfo:
         """Forget the version queue: a new epoch whose history starts at the
@@ -641,7 +656,8 @@ class OriginStore:
             self._with_growth(run)
             with self._state_lock:
                 ds.queue = queue
-                return self._info(ds)
+                ds.info = self._info(ds)
+                return ds.info
 
     # ------------------------------------------------------------ writes
 
@@ -761,6 +777,7 @@ class OriginStore:
                         if name in blobs:
                             ds.meta_revision = p.revision
                             ds.meta_blob = blobs[name]
+                        ds.info = self._info(ds)
                 except BaseException as exc:
                     # committed, but memory is out of step with the disk: refuse
                     # every further write; a restart rebuilds memory from disk

@@ -217,27 +217,73 @@ class DatasetSync:
     async def _stream(self, req: SnapshotRequest) -> Send | None:
         """Feed the stream's chunks; return a request the machine handed out
         instead of the next chunk (it moved on), to perform after the stream
-        is closed."""
+        is closed.
+
+        The next chunk is received and decoded (in this thread) while the
+        current one is applied (in a worker thread, mostly inside LMDB), one
+        chunk ahead at most: a bootstrap is not a strict alternation of
+        network and disk. An error of the stream surfaces when its chunk is
+        due, as the same exception."""
+        failure: Exception | None = None
+        follow: Send | None = None
         async with _closing(self.transport.snapshot_stream(req)) as chunks:
-            while True:
-                # an idle timeout per chunk: a long bootstrap is not one request
-                with trio.fail_after(self.settings.request_timeout):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                self._bootstrap.total = chunk.digest.count
-                self.sync.response(chunk, trio.current_time())
-                follow = self.sync.next_action(trio.current_time())
-                if isinstance(follow, Apply):
-                    await self._apply(follow)
-                elif isinstance(follow, Send):
-                    return follow
-                if not self.sync.streaming:
-                    return None
+            send, receive = trio.open_memory_channel[SnapshotChunk | Exception](1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_prefetch, chunks, send)
+                try:
+                    follow = await self._feed(receive)
+                except Exception as exc:  # raised after the nursery, not grouped
+                    failure = exc
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return follow
+
+    async def _feed(
+        self, chunks: trio.MemoryReceiveChannel[SnapshotChunk | Exception]
+    ) -> Send | None:
+        while True:
+            # an idle timeout per chunk: a long bootstrap is not one request
+            with trio.fail_after(self.settings.request_timeout):
+                try:
+                    chunk = await chunks.receive()
+                except trio.EndOfChannel:
+                    break
+            if isinstance(chunk, Exception):
+                raise chunk
+            self._bootstrap.total = chunk.digest.count
+            self.sync.response(chunk, trio.current_time())
+            follow = self.sync.next_action(trio.current_time())
+            if isinstance(follow, Apply):
+                await self._apply(follow)
+            elif isinstance(follow, Send):
+                return follow
+            if not self.sync.streaming:
+                return None
         if self.sync.streaming:  # the stream ended before its last chunk
             raise ProtocolError("the snapshot stream ended before its last chunk")
         return None
+
+
+async def _prefetch(
+    chunks: AsyncIterator[SnapshotChunk],
+    out: trio.MemorySendChannel[SnapshotChunk | Exception],
+) -> None:
+    """Move chunks from the stream to ``out`` until the last one (the channel
+    closes; the stream is left for its owner to close, not cancelled
+    mid-read) or an error (sent in place of a chunk)."""
+    async with out:
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                await out.send(exc)
+                return
+            await out.send(chunk)
+            if chunk.next_after is None:
+                return
 
 
 class AgentMetrics:

@@ -464,9 +464,12 @@ class Mirror:
                 target = ds.staging
                 staged_meta = batch.meta or staged_meta
             changes = self._write_records(txn, target, batch)
-            digest_after = _digest_after(target.tree.digest, changes)
             verify = batch.target is Target.LIVE or batch.promote
-            if verify and batch.expected_digest not in (None, digest_after):
+            if (
+                verify
+                and batch.expected_digest is not None
+                and batch.expected_digest != _digest_after(target.tree.digest, changes)
+            ):
                 txn.abort()
                 return False
             stage_key = b"stage/" + name.encode()

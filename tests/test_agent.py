@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import AsyncGenerator, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,96 @@ async def test_a_long_snapshot_stream_is_timed_per_chunk(paths: tuple[Path, Path
         await nursery.start(agent.run)
         await wait_until(agent.ready, timeout=10)
         assert agent.datasets["up"].sync.stats.failures == 0
+        assert mirror.items("up") == records(store)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+class CountingStream(ServiceTransport):
+    """Counts the chunks the agent has taken from the stream; fails the first
+    stream after ``fail_after`` chunks."""
+
+    def __init__(self, service: OriginService, fail_after: int | None = None) -> None:
+        super().__init__(service)
+        self.taken = 0
+        self.fail_after = fail_after
+
+    async def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]:
+        async with contextlib.aclosing(super().snapshot_stream(req)) as chunks:
+            sent = 0
+            async for chunk in chunks:
+                if self.fail_after is not None and sent == self.fail_after:
+                    self.fail_after = None
+                    raise OriginUnavailableError("the stream broke")
+                self.taken += 1
+                sent += 1
+                yield chunk
+
+
+async def test_the_next_chunk_is_fetched_while_one_is_applied(paths: tuple[Path, Path]) -> None:
+    """The first chunk's apply (in its worker thread) waits until the agent
+    has taken the second chunk from the stream: it would wait forever (and
+    fail) if receiving and applying strictly alternated."""
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    settings = AgentSettings(
+        datasets=("up",), replica_id="overlap", sync=SyncConfig(snapshot_chunk=100)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
+        )
+        transport = CountingStream(service)
+        agent = Agent(mirror, transport, settings, rng=random.Random(6))
+        handle = agent.datasets["up"].handle
+        overlapped: list[bool] = []
+        real_apply = handle.apply
+
+        def slow_apply(batch: Any) -> bool:
+            if batch.upserts and not overlapped:
+                deadline = time.monotonic() + 5
+                while transport.taken < 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                overlapped.append(transport.taken >= 2)
+            return real_apply(batch)
+
+        handle.apply = slow_apply  # type: ignore[method-assign]
+        await nursery.start(agent.run)
+        await wait_until(agent.ready, timeout=15)
+        assert overlapped == [True]
+        assert mirror.items("up") == records(store)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+async def test_a_stream_that_breaks_mid_bootstrap_is_resumed(paths: tuple[Path, Path]) -> None:
+    """An error raised by the stream while a chunk is being applied surfaces
+    as that error (a failed request, not a crash of the agent) and the
+    bootstrap resumes after the chunks already staged."""
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    settings = AgentSettings(
+        datasets=("up",), replica_id="broken", sync=SyncConfig(snapshot_chunk=100)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
+        )
+        transport = CountingStream(service, fail_after=3)
+        agent = Agent(mirror, transport, settings, rng=random.Random(7))
+        await nursery.start(agent.run)
+        await wait_until(agent.ready, timeout=15)
+        stats = agent.datasets["up"].sync.stats
+        assert stats.failures == 1
+        assert stats.records_applied == 500  # nothing staged twice
         assert mirror.items("up") == records(store)
         nursery.cancel_scope.cancel()
     mirror.close()

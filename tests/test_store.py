@@ -419,3 +419,23 @@ def test_records_are_kept_in_key_order_and_a_format_1_store_is_converted(
         assert dict(view.scan(None, 10**9)[0]) == records
     assert _leaf_listing(s2) == _expected_listing(s2)
     s2.close()
+
+
+def test_info_answers_while_a_commit_holds_the_state_lock(tmp_path: Path) -> None:
+    """A commit holds the state lock through its fsync; info() and infos()
+    (asked by the HTTP event loop on every write) must not wait for it, and
+    they show the state after the last finished commit."""
+    store = OriginStore(tmp_path / "s", durable=False)
+    store.create_dataset(DatasetSpec("up", None))
+    result = store.commit([WriteBatch("up", {b"k": b"v"})])[0]
+    assert isinstance(result, WriteResult)
+    answers: list[object] = []
+    with store.locked():
+        asker = threading.Thread(target=lambda: answers.extend([store.info("up"), store.infos()]))
+        asker.start()
+        asker.join(5)
+        assert not asker.is_alive(), "info() waited for the state lock"
+    info, infos = answers
+    assert info == infos[0]  # type: ignore[index]
+    assert info.cursor == result.cursor and info.digest == result.digest  # type: ignore[attr-defined]
+    store.close()
