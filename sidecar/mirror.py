@@ -45,12 +45,14 @@ after a transaction commits.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -536,18 +538,7 @@ class Mirror:
             # overlap), so insert without reading old values, and add the
             # leaf index rows in one call; a key already there (a server
             # repeating itself) takes the general path below
-            again: list[tuple[bytes, bytes]] = []
-            rows: list[tuple[bytes, bytes]] = []
-            for key, value in upserts:
-                if not put(key, value, db=records, overwrite=False):
-                    again.append((key, value))
-                    continue
-                leaf = xxh3_64_intdigest(key) >> shift
-                new_h = entry_hash(key, value)
-                rows.append((pack(leaf) + key, new_h.to_bytes(16, "big")))
-                changes.append((leaf, None, new_h))
-            txn.cursor(db=leaves).putmulti(rows)
-            upserts = again
+            upserts, changes = self._stage_chunk(txn, gen, batch.upserts, shift)
         for key, value in upserts:
             old = replace(key, value, db=records)
             if old == value:
@@ -564,6 +555,47 @@ class Mirror:
             txn.delete(pack(leaf) + key, db=leaves)
             changes.append((leaf, entry_hash(key, bytes(old)), None))
         return changes
+
+    @staticmethod
+    def _stage_chunk(
+        txn: Any, gen: _Gen, chunk: Sequence[tuple[bytes, bytes]], shift: int
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[int, int | None, int | None]]]:
+        """Insert a snapshot chunk's records into staging; return the ones
+        that were already there (for the general path) and the changes of
+        the rest. The usual chunk (keys ascending, all after the last staged
+        key: the origin sends them in key order) is appended by LMDB in one
+        call; any other is inserted key by key without overwriting."""
+        keys = [k for k, _ in chunk]
+        cur = txn.cursor(db=gen.records)
+        again: list[tuple[bytes, bytes]] = []
+        if (
+            keys
+            and all(map(operator.lt, keys, islice(keys, 1, None)))
+            and (not cur.last() or cur.key() < keys[0])
+        ):
+            _, added = cur.putmulti(chunk, overwrite=False, append=True)
+            if added != len(keys):  # pragma: no cover - LMDB refused an append it was promised
+                raise StorageError(f"staging appended {added} of {len(keys)} records")
+            fresh: Sequence[tuple[bytes, bytes]] = chunk
+        else:
+            put, records = txn.put, gen.records
+            fresh = []
+            for item in chunk:
+                (fresh if put(item[0], item[1], db=records, overwrite=False) else again).append(
+                    item
+                )
+            keys = [k for k, _ in fresh]
+        leaves = [xxh3_64_intdigest(k) >> shift for k in keys]
+        hashes = [entry_hash(k, v) for k, v in fresh]
+        pack = _LEAF.pack
+        txn.cursor(db=gen.leaves).putmulti(
+            zip(
+                [pack(leaf) + k for leaf, k in zip(leaves, keys, strict=True)],
+                [h.to_bytes(16, "big") for h in hashes],
+                strict=True,
+            )
+        )
+        return again, list(zip(leaves, repeat(None), hashes))
 
     def _put_ds(
         self,

@@ -225,12 +225,23 @@ def test_a_snapshot_chunk_repeating_a_staged_key_keeps_the_tree_true(tmp_path: P
     assert handle.apply(chunk(((b"a", b"1"), (b"b", b"2")), reset=True, after=b"b"))
     # a server repeating "b" with another value: the general path replaces it
     assert handle.apply(chunk(((b"b", b"3"), (b"c", b"4")), reset=False, after=b"c"))
-    h = {k: entry_hash(k, v) for k, v in ((b"a", b"1"), (b"b", b"3"), (b"c", b"4"))}
-    expected = Digest(3, h[b"a"] ^ h[b"b"] ^ h[b"c"])
+    # new keys out of order: not appendable, inserted one by one
+    assert handle.apply(chunk(((b"e", b"5"), (b"d", b"6")), reset=False, after=b"e"))
+    # the usual chunk: ascending, after the last staged key (appended)
+    assert handle.apply(chunk(((b"f", b"7"), (b"g", b"8")), reset=False, after=b"g"))
+    want = {b"a": b"1", b"b": b"3", b"c": b"4", b"d": b"6", b"e": b"5", b"f": b"7", b"g": b"8"}
+    h = {k: entry_hash(k, v) for k, v in want.items()}
+    xor = 0
+    for v in h.values():
+        xor ^= v
+    expected = Digest(len(want), xor)
     final = Apply(
         "d", SyncKind.SNAPSHOT, Target.STAGING, (), (), base, expected, promote=True,
     )  # fmt: skip
     assert handle.apply(final)
-    assert mirror.items("d") == {b"a": b"1", b"b": b"3", b"c": b"4"}
+    assert mirror.items("d") == want
     assert mirror.digest("d") == expected
+    geometry = handle.tree.geometry
+    for key in want:  # the leaf index holds every entry's hash
+        assert (key, h[key]) in mirror.leaf_entries("d", geometry.leaf_of(key)), key
     mirror.close()
