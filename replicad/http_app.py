@@ -156,7 +156,11 @@ class OriginServiceLike(Protocol):
     async def get(self, name: str, key: bytes) -> tuple[bytes | None, Cursor]: ...
     async def sync(self, request: Any) -> Response: ...
     def snapshot_stream(self, request: SnapshotRequest) -> AsyncIterator[SnapshotChunk]: ...
-    def subscribe(self, datasets: Any, *, diffs: bool = False) -> Any: ...
+    def subscribe(self, datasets: Any, *, diffs: bool = False) -> Any:
+        """An async context manager yielding the hint iterator. Its
+        ``__anext__`` must be cancel-safe (a :class:`~replicad.hub.Subscription`
+        is): the stream waits for the next hint under a ping timeout."""
+
     def ack(
         self, replica: str, address: str, datasets: Mapping[str, Cursor], info: Mapping[str, Any]
     ) -> None: ...
@@ -430,6 +434,27 @@ def _obj(value: Any, what: str, allowed: Iterable[str] | None = None) -> dict[An
     return value
 
 
+class _EventCache:
+    """The server-sent event of the last few hints: the hub hands the same
+    object to every subscriber, so N streams encode (and, for a push, frame
+    and base64) it once, not N times. Keyed by identity, holding the events
+    so an id is not reused while cached."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._cached: list[tuple[Hint | DiffPush, bytes]] = []
+
+    def encode(self, hint: Hint | DiffPush) -> bytes:
+        for event, data in self._cached:
+            if event is hint:
+                return data
+        data = _hint_event(hint)
+        self._cached.append((hint, data))
+        if len(self._cached) > self._size:
+            del self._cached[0]
+        return data
+
+
 def _hint_event(hint: Hint | DiffPush) -> bytes:
     if isinstance(hint, DiffPush):
         return b"event: diff\ndata: " + base64.b64encode(encode_frame(*to_wire(hint))) + b"\n\n"
@@ -505,6 +530,7 @@ class OriginApp:
             openapi = build()
         self._openapi = _dumps(openapi)
         self._closing = trio.Event()
+        self._events = _EventCache()
         r = service.registry
         self._m_requests = r.counter(
             "replicad_http_requests_total",
@@ -889,28 +915,22 @@ class OriginApp:
                 ],
             )
             async with trio.open_nursery() as nursery:
-                send_hint, next_hint = trio.open_memory_channel[Hint | DiffPush](0)
-                nursery.start_soon(self._pump_hints, hints, send_hint)
                 nursery.start_soon(self._watch_disconnect, req, nursery.cancel_scope)
                 nursery.start_soon(self._watch_closing, nursery.cancel_scope)
-                async with next_hint:
-                    while True:
-                        hint: Hint | DiffPush | None = None
-                        with trio.move_on_after(self.ping_interval):
-                            hint = await next_hint.receive()
-                        if hint is None:
-                            await req.body(b": ping\n\n", more=True)
-                        else:
-                            await req.body(_hint_event(hint), more=True)
+                while True:
+                    hint: Hint | DiffPush | None = None
+                    with trio.move_on_after(self.ping_interval):
+                        try:
+                            hint = await hints.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    if hint is None:
+                        await req.body(b": ping\n\n", more=True)
+                    else:
+                        await req.body(self._events.encode(hint), more=True)
+                nursery.cancel_scope.cancel()
         if not req.gone:
             await req.body(b"")
-
-    async def _pump_hints(
-        self, hints: AsyncIterator[Hint | DiffPush], out: trio.MemorySendChannel[Hint | DiffPush]
-    ) -> None:
-        async with out:
-            async for hint in hints:
-                await out.send(hint)
 
     async def _watch_closing(self, scope: trio.CancelScope) -> None:
         await self._closing.wait()

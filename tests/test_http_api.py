@@ -15,7 +15,6 @@ import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from replicad.errors import (
 )
 from replicad.frames import FrameDecoder, encode_frame
 from replicad.http_app import ROUTES, OriginApp, error_response
+from replicad.hub import HintHub
 from replicad.merkle import EMPTY_DIGEST, Digest, LeafQuery, NodeQuery, entry_hash
 from replicad.messages import (
     Cursor,
@@ -932,15 +932,9 @@ class FakeService:
         raise self.fail
 
     def subscribe(self, datasets: Any, *, diffs: bool = False) -> Any:
-        @asynccontextmanager
-        async def sub() -> AsyncIterator[AsyncIterator[Hint]]:
-            async def hints() -> AsyncIterator[Hint]:
-                yield Hint("fake", Cursor(b"\x00" * 16, 3), EMPTY_DIGEST)
-                await trio.sleep_forever()
-
-            yield hints()
-
-        return sub()
+        # the app requires a cancel-safe iterator: the hub's subscription
+        hub = HintHub()
+        return hub.subscribe(None, lambda: [Hint("fake", Cursor(b"\x00" * 16, 3), EMPTY_DIGEST)])
 
 
 def _run_in_process(app: OriginApp, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -1134,3 +1128,18 @@ def test_open_hint_stream_does_not_block_shutdown(tmp_path: Path) -> None:
             assert time.monotonic() - started < 4  # well under hypercorn's grace period
             rest = list(lines)  # the server ended the stream cleanly
             assert rest[0].startswith("data: ")
+
+
+def test_hint_events_are_encoded_once_per_event_for_every_stream() -> None:
+    from replicad.http_app import _EventCache
+
+    cache = _EventCache(size=2)
+    one = Hint("a", Cursor(b"\x01" * 16, 1), EMPTY_DIGEST)
+    two = Hint("a", Cursor(b"\x01" * 16, 2), EMPTY_DIGEST)
+    first = cache.encode(one)
+    assert cache.encode(one) is first  # the second stream reuses the bytes
+    assert b'"version":2' in cache.encode(two) and b'"version":1' in first
+    for v in range(3, 6):  # pushes the first out of the cache
+        cache.encode(Hint("a", Cursor(b"\x01" * 16, v), EMPTY_DIGEST))
+    again = cache.encode(one)
+    assert again == first and again is not first
