@@ -11,7 +11,7 @@ Example ``sidecar.toml``::
     poll_interval = 5.0                        # safety pull without hints (s)
     max_staleness = 30.0                       # readiness bound (s)
     ack_interval = 10.0
-    map_size_mb = 1024                         # grows on demand
+    map_size_mb = 64                           # grows on demand (doubling)
     max_readers = 1024
     log_format = "json"
     hints = true                               # false: rely on the safety poll
@@ -62,7 +62,7 @@ class SidecarConfig:
     max_staleness: float = 30.0
     ack_interval: float = 10.0
     request_timeout: float = 60.0
-    map_size_mb: int = 1024
+    map_size_mb: int = 64
     max_map_size_mb: int = 1 << 20
     max_readers: int = 1024
     file_mode: int = 0o660

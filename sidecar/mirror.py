@@ -37,6 +37,18 @@ transaction (the two slots alternate, so no database handle is ever closed).
 Readers that began before the flip keep reading the old generation (LMDB's
 MVCC) until they end their transaction.
 
+Memory: the environment is opened with a writable memory map
+(``MDB_WRITEMAP``), so a write transaction changes pages in place in the
+(file-backed, shared) map instead of in malloc'd copies that LMDB would keep
+for reuse for the life of the process -- a bootstrap's chunk of random leaf
+index inserts dirties tens of megabytes of pages. A page in a hole of the
+file that the disk cannot fill would then end the process with SIGBUS
+instead of failing the write, so the data file's blocks are reserved
+(``posix_fallocate``) up to the map size at open and before every growth: a
+full disk is a clean error there (nothing written, the last version kept),
+never in the middle of a transaction. The map starts small (64 MiB by
+default) and doubles, so the reservation stays within twice the data.
+
 The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
 generation (and one for a staging generation), rebuilt at start-up from the
 leaf index (one pass over 16-byte hashes, no re-hashing), and updated only
@@ -181,7 +193,7 @@ class Mirror:
         self,
         path: str | Path,
         *,
-        map_size: int = 1 << 30,
+        map_size: int = 64 << 20,
         max_map_size: int = 1 << 40,
         max_readers: int = 1024,
         durable: bool = True,
@@ -209,6 +221,7 @@ class Mirror:
                 map_size=map_size,
                 max_dbs=4 * max_datasets + 1,
                 max_readers=max_readers,
+                writemap=True,  # see "Memory" in the module doc
                 sync=durable,
                 # an OS crash may undo the last apply (integrity is kept, and the
                 # sidecar simply pulls it again): one fsync per apply, not two
@@ -220,6 +233,11 @@ class Mirror:
             # group need lock.mdb writable (it is LMDB's reader table)
             for name in ("data.mdb", "lock.mdb"):
                 os.chmod(self.path / name, file_mode)
+            try:
+                self._reserve(self._env.info()["map_size"])
+            except BaseException:
+                self._env.close()
+                raise
             self.stale_readers_cleared = self._env.reader_check()
             self._meta = self._env.open_db(b"meta")
             try:
@@ -448,7 +466,24 @@ class Mirror:
                     "the mirror's map is full and could not grow: read transactions "
                     "stayed open; nothing was written, the sync loop retries"
                 )
+            self._reserve(size)
             self._env.set_mapsize(size)
+
+    def _reserve(self, size: int) -> None:
+        """Allocate the data file's blocks up to ``size`` bytes (see "Memory"
+        in the module doc). Raises MapFullError, nothing written, when the
+        disk cannot hold them."""
+        try:
+            fd = os.open(self.path / "data.mdb", os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise MapFullError(
+                f"the disk cannot hold the mirror's map at {size >> 20} MiB "
+                f"({exc.strerror}); nothing was written"
+            ) from exc
 
     def _apply(self, name: str, batch: Apply) -> bool:
         ds = self._state(name)

@@ -245,3 +245,23 @@ def test_a_snapshot_chunk_repeating_a_staged_key_keeps_the_tree_true(tmp_path: P
     for key in want:  # the leaf index holds every entry's hash
         assert (key, h[key]) in mirror.leaf_entries("d", geometry.leaf_of(key)), key
     mirror.close()
+
+
+def test_the_map_is_reserved_on_disk_before_it_is_written_in_place(tmp_path: Path) -> None:
+    """The mirror writes pages in place (MDB_WRITEMAP): every block of the
+    map is allocated up front and before each growth, so a full disk fails a
+    growth cleanly instead of a write into a hole raising SIGBUS."""
+    import os
+
+    mirror = Mirror(tmp_path / "m", durable=False, map_size=1 << 20, max_map_size=1 << 30)
+    data = tmp_path / "m" / "data.mdb"
+
+    def reserved() -> int:
+        return os.stat(data).st_blocks * 512
+
+    assert reserved() >= 1 << 20
+    mirror._grow(4 << 20)
+    assert reserved() >= 4 << 20
+    assert mirror.env.info()["map_size"] == 4 << 20
+    assert mirror.env.flags()["writemap"]
+    mirror.close()
