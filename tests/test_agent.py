@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,32 @@ async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
     store.close()
 
 
+@contextlib.asynccontextmanager
+async def origin_with_500_records(
+    paths: tuple[Path, Path], replica_id: str, **settings: Any
+) -> AsyncIterator[tuple[OriginStore, OriginService, Mirror, AgentSettings, trio.Nursery]]:
+    """A running origin service holding 500 records and an empty mirror;
+    the agent settings pull snapshots in chunks of 100."""
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    agent_settings = AgentSettings(
+        datasets=("up",), replica_id=replica_id, sync=SyncConfig(snapshot_chunk=100), **settings
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+            await service.write(
+                WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
+            )
+            yield store, service, mirror, agent_settings, nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        mirror.close()
+        store.close()
+
+
 class SlowStream(ServiceTransport):
     async def snapshot_stream(self, req: SnapshotRequest) -> AsyncGenerator[SnapshotChunk, None]:
         async with contextlib.aclosing(super().snapshot_stream(req)) as chunks:
@@ -244,29 +270,15 @@ class SlowStream(ServiceTransport):
 
 
 async def test_a_long_snapshot_stream_is_timed_per_chunk(paths: tuple[Path, Path]) -> None:
-    store = OriginStore(paths[0], durable=False)
-    service = OriginService(store)
-    mirror = Mirror(paths[1], durable=False)
-    settings = AgentSettings(
-        datasets=("up",),
-        replica_id="slow",
-        sync=SyncConfig(snapshot_chunk=100),
-        request_timeout=0.5,  # the whole stream takes ~1 s; each chunk 0.2 s
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
-        )
+    # the whole stream takes ~1 s; each chunk 0.2 s
+    async with origin_with_500_records(paths, "slow", request_timeout=0.5) as (
+        store, service, mirror, settings, nursery,
+    ):  # fmt: skip
         agent = Agent(mirror, SlowStream(service), settings, rng=random.Random(5))
         await nursery.start(agent.run)
         await wait_until(agent.ready, timeout=10)
         assert agent.datasets["up"].sync.stats.failures == 0
         assert mirror.items("up") == records(store)
-        nursery.cancel_scope.cancel()
-    mirror.close()
-    store.close()
 
 
 class CountingStream(ServiceTransport):
@@ -294,18 +306,9 @@ async def test_the_next_chunk_is_fetched_while_one_is_applied(paths: tuple[Path,
     """The first chunk's apply (in its worker thread) waits until the agent
     has taken the second chunk from the stream: it would wait forever (and
     fail) if receiving and applying strictly alternated."""
-    store = OriginStore(paths[0], durable=False)
-    service = OriginService(store)
-    mirror = Mirror(paths[1], durable=False)
-    settings = AgentSettings(
-        datasets=("up",), replica_id="overlap", sync=SyncConfig(snapshot_chunk=100)
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
-        )
+    async with origin_with_500_records(paths, "overlap") as (
+        store, service, mirror, settings, nursery,
+    ):  # fmt: skip
         transport = CountingStream(service)
         agent = Agent(mirror, transport, settings, rng=random.Random(6))
         handle = agent.datasets["up"].handle
@@ -325,27 +328,15 @@ async def test_the_next_chunk_is_fetched_while_one_is_applied(paths: tuple[Path,
         await wait_until(agent.ready, timeout=15)
         assert overlapped == [True]
         assert mirror.items("up") == records(store)
-        nursery.cancel_scope.cancel()
-    mirror.close()
-    store.close()
 
 
 async def test_a_stream_that_breaks_mid_bootstrap_is_resumed(paths: tuple[Path, Path]) -> None:
     """An error raised by the stream while a chunk is being applied surfaces
     as that error (a failed request, not a crash of the agent) and the
     bootstrap resumes after the chunks already staged."""
-    store = OriginStore(paths[0], durable=False)
-    service = OriginService(store)
-    mirror = Mirror(paths[1], durable=False)
-    settings = AgentSettings(
-        datasets=("up",), replica_id="broken", sync=SyncConfig(snapshot_chunk=100)
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
-        )
+    async with origin_with_500_records(paths, "broken") as (
+        store, service, mirror, settings, nursery,
+    ):  # fmt: skip
         transport = CountingStream(service, fail_after=3)
         agent = Agent(mirror, transport, settings, rng=random.Random(7))
         await nursery.start(agent.run)
@@ -354,6 +345,3 @@ async def test_a_stream_that_breaks_mid_bootstrap_is_resumed(paths: tuple[Path, 
         assert stats.failures == 1
         assert stats.records_applied == 500  # nothing staged twice
         assert mirror.items("up") == records(store)
-        nursery.cancel_scope.cancel()
-    mirror.close()
-    store.close()
