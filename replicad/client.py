@@ -179,10 +179,28 @@ def _request_failed(base_url: str, exc: httpx.RequestError) -> ReplicadError:
     """OriginUnavailableError for a transport error (refused, reset, timeout,
     TLS, a body cut short); ProtocolError for an undecodable content encoding
     or a redirect loop."""
-    detail = str(exc) or type(exc).__name__
+    detail = _reason(exc)
     if isinstance(exc, httpx.TransportError):
         return OriginUnavailableError(f"origin {base_url} unavailable: {detail}")
     return ProtocolError(f"origin {base_url}: {detail}")
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a person: the error's message, and the TLS
+    failure in its cause chain when there is one. (Under trio, httpx reports
+    a refused certificate as a bare ``ConnectError``: the reason is only in
+    the chain.)"""
+    detail = str(exc)
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            tls = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+            return f"{detail or type(exc).__name__} (TLS: {tls})"
+        detail = detail or str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return detail or type(exc).__name__
 
 
 def _check_url(base_url: str) -> str:
