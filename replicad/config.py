@@ -23,6 +23,7 @@ environment over the file over defaults.
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -30,6 +31,20 @@ from pathlib import Path
 from typing import Any
 
 from replicad.errors import ConfigError
+
+
+def check_tls_files(cert: Path, key: Path, what: str) -> None:
+    """ConfigError, naming ``what``, unless ``cert`` and ``key`` load as a
+    server certificate chain and its private key (checked before a port is
+    bound, so a wrong path is not reported as a listening failure)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:  # an OSError too: caught first
+        raise ConfigError(
+            f"{what}: {cert} and {key} are not a certificate and its key: {exc}"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {exc.filename or cert}: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True)

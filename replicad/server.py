@@ -33,7 +33,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from replicad.config import OriginConfig, load
+from replicad.config import OriginConfig, check_tls_files, load
 from replicad.errors import ReplicadError
 from replicad.http_app import DEFAULT_PING_INTERVAL, OriginApp
 from replicad.logs import setup_logging
@@ -77,6 +77,8 @@ async def serve(
     unix path). Raises StorageError if the store cannot be opened; the store
     is closed on every exit path.
     """
+    if config.tls_cert is not None and config.tls_key is not None:
+        check_tls_files(config.tls_cert, config.tls_key, "tls_cert/tls_key")
     store = OriginStore(
         config.data,
         map_size=config.map_size_mb << 20,

@@ -18,6 +18,8 @@ Example ``sidecar.toml``::
     push = true                                # small versions arrive with their records
     serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
     relay_read_tokens = ["..."]                # tokens sidecars below must send
+    relay_tls_cert = "/etc/sidecar/cert.pem"   # relay: serve the sync API over TLS
+    relay_tls_key = "/etc/sidecar/key.pem"     # (both or neither)
     socket = "/run/sidecar/redis.sock"         # Redis protocol reads (docs/reads.md)
     socket_mode = "0o660"                      # the socket file's mode
     socket_group = "app"                       # and group (name or number)
@@ -77,6 +79,8 @@ class SidecarConfig:
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()
+    relay_tls_cert: Path | None = None
+    relay_tls_key: Path | None = None
     socket: Path | None = None
     """Serve the Redis protocol on this unix socket (docs/reads.md)."""
     socket_mode: int = 0o660
@@ -89,6 +93,10 @@ class SidecarConfig:
     def validate(self) -> SidecarConfig:
         if not self.datasets:
             raise ConfigError("no datasets configured (datasets = [...] or --datasets a,b)")
+        if (self.relay_tls_cert is None) != (self.relay_tls_key is None):
+            raise ConfigError("relay_tls_cert and relay_tls_key must be set together")
+        if self.relay_tls_cert is not None and self.serve_sync is None:
+            raise ConfigError("relay_tls_cert is set but serve_sync is not (no relay port)")
         try:
             url = httpx.URL(self.origin)
         except (httpx.InvalidURL, TypeError) as exc:
@@ -194,6 +202,8 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 changes[key] = str(value).rstrip("/") if key == "origin" else str(value)
             case "data" | "ca_file":
                 changes[key] = Path(str(value))
+            case "relay_tls_cert" | "relay_tls_key":
+                changes[key] = Path(str(value)) if str(value) else None
             case "socket":
                 changes[key] = Path(str(value)) if str(value) else None
             case "socket_group":

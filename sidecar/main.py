@@ -21,6 +21,7 @@ import trio
 
 from replicad import __version__
 from replicad.client import AsyncSyncClient
+from replicad.config import check_tls_files
 from replicad.errors import ConfigError, ReplicadError
 from replicad.http_app import OriginApp
 from replicad.replica import SyncConfig
@@ -102,6 +103,12 @@ async def serve(
                 rconfig.bind = [config.serve_sync.bind()]
                 rconfig.accesslog = None
                 rconfig.errorlog = None
+                if config.relay_tls_cert is not None and config.relay_tls_key is not None:
+                    check_tls_files(
+                        config.relay_tls_cert, config.relay_tls_key, "relay_tls_cert/relay_tls_key"
+                    )
+                    rconfig.certfile = str(config.relay_tls_cert)
+                    rconfig.keyfile = str(config.relay_tls_key)
                 with _listen_errors(config.serve_sync):
                     relay_binds = await nursery.start(hypercorn.trio.serve, app, rconfig)
                 log.info("relay serving the sync API", extra={"binds": relay_binds})

@@ -19,6 +19,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,59 @@ def test_a_refused_certificate_is_named_in_the_error() -> None:
     )
     plain = _request_failed("http://origin:7070", httpx.ConnectError("[Errno 111] refused"))
     assert str(plain) == "origin http://origin:7070 unavailable: [Errno 111] refused"
+
+
+def test_a_relay_serves_the_sync_api_over_tls(tmp_path: Path) -> None:
+    """relay_tls_cert/relay_tls_key: the relay's sync port speaks HTTPS; a
+    sidecar below with the CA (ca_file) syncs through it, plain HTTP to that
+    port fails, and a certificate that does not load stops the relay at start
+    with a message naming the setting."""
+    cert, key = make_certificate(tmp_path)
+    relay_port = free_port()
+    with (
+        OriginProcess(tmp_path / "origin", durable=False) as origin,
+        httpx.Client(base_url=origin.base_url, timeout=30) as w,
+    ):
+        assert w.post("/v1/datasets", json={"name": "tls", "opaque": True}).status_code == 201
+        assert w.post("/v1/datasets/tls/batch", json={"upserts": {"k": "v1"}}).status_code == 200
+        relay_env = {
+            "SIDECAR_SERVE_SYNC": f"127.0.0.1:{relay_port}",
+            "SIDECAR_RELAY_TLS_CERT": str(cert),
+            "SIDECAR_RELAY_TLS_KEY": str(key),
+        }
+        relay = PatientSidecar(tmp_path / "relay", origin.base_url, ["tls"], extra_env=relay_env)
+        with relay:
+            relay.wait_ready()
+            relay_url = f"https://127.0.0.1:{relay_port}"
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{relay_port}/healthz", timeout=5)
+            leaf = PatientSidecar(
+                tmp_path / "leaf",
+                relay_url,
+                ["tls"],
+                poll_interval=0.5,
+                extra_env={"SIDECAR_CA_FILE": str(cert)},
+            )
+            with leaf:
+                leaf.wait_ready()
+                version = w.post("/v1/datasets/tls/batch", json={"upserts": {"k": "v2"}}).json()[
+                    "version"
+                ]
+                leaf.wait_version("tls", version, timeout=20)
+                with Reader(leaf.data) as reader:
+                    rec = reader.get("tls", b"k")
+                    assert rec is not None and rec.value == b"v2"
+        # a key that is not the certificate's: a clear error at start, no port
+        (tmp_path / "other").mkdir()
+        _, other_key = make_certificate(tmp_path / "other")
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar", "run",
+             "--origin", origin.base_url, "--datasets", "tls",
+             "--data", str(tmp_path / "bad"), "--serve-sync", f"127.0.0.1:{free_port()}"],
+            env={**os.environ, "SIDECAR_RELAY_TLS_CERT": str(cert),
+                 "SIDECAR_RELAY_TLS_KEY": str(other_key)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "relay_tls_cert/relay_tls_key" in done.stderr, done.stderr
+        assert "not a certificate and its key" in done.stderr, done.stderr
