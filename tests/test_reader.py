@@ -18,8 +18,8 @@ from replicad.origin_types import DatasetSpec, WriteBatch, WriteResult
 from replicad.replica import ReplicaSync, SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.store import OriginStore
+from sidecar import Reader, StaleDataError
 from sidecar.mirror import Mirror
-from sidecar.reader import Reader, StaleDataError
 
 
 def ok(result: WriteResult | Exception) -> WriteResult:

@@ -18,8 +18,8 @@ from replicad.replica import ReplicaSync, SyncConfig
 from replicad.responder import snapshot_chunk
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.store import OriginStore
+from sidecar import Reader
 from sidecar.mirror import Mirror
-from sidecar.reader import Reader
 from sidecar.relay import RelayService
 from tests.origin_proc import OriginProcess
 from tests.sidecar_proc import SidecarProcess

@@ -14,7 +14,7 @@ import httpx
 import msgpack
 
 from replicad.sample import seed_like_record, seed_like_schema
-from sidecar.reader import Reader
+from sidecar import Reader
 from tests.origin_proc import ROOT, OriginProcess
 from tests.sidecar_proc import SidecarProcess
 

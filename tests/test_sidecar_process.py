@@ -41,9 +41,8 @@ import msgpack
 import pytest
 
 from replicad.errors import ConfigError
-from sidecar import cli
+from sidecar import Reader, cli
 from sidecar.config import SidecarConfig, load
-from sidecar.reader import Reader
 from tests.origin_proc import ROOT, OriginProcess, free_port
 
 SETTINGS = sorted({f.name for f in dataclasses.fields(SidecarConfig)} | {"token_file"})
