@@ -69,6 +69,10 @@ def rows(quick: bool) -> list[Row]:
         "decode": _per_record(decode, encoded, number=number, repeat=repeat),
         "decode_values": _per_record(decode_values, encoded, number=number, repeat=repeat),
         "loads": _per_record(loads, texts, number=number, repeat=repeat),
+        "field": _per_record(codec.field_getter("ctr_7d"), encoded, number=number, repeat=repeat),
+        "dict_field": _per_record(
+            codec.field_getter("city"), encoded, number=number, repeat=repeat
+        ),
         "both": _per_record(round_trip, records, number=number, repeat=repeat),
         "lazy_both": _per_record(lazy_round_trip, records, number=number, repeat=repeat),
         "json_both": _per_record(json_round_trip, records, number=number, repeat=repeat),
@@ -93,6 +97,20 @@ def rows(quick: bool) -> list[Row]:
             "json.loads",
             target="<= 1.5 us",
             met=t["decode_values"] <= 1.5,
+        ),
+        Row(
+            "codec: one float32 field (field_getters, no decode)",
+            t["field"],
+            "us",
+            t["decode_values"],
+            "decode_values",
+        ),
+        Row(
+            "codec: one dictionary field (field_getters)",
+            t["dict_field"],
+            "us",
+            t["decode_values"],
+            "decode_values",
         ),
         Row(
             "codec: encode + decode",

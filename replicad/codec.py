@@ -7,28 +7,34 @@ versions) or *opaque* (values are arbitrary bytes). :class:`DatasetCodec` turns
 a record into the value bytes the origin stores and ships, and back. It does no
 I/O and reads no clock; the only state it changes is its :class:`Dictionary`.
 
-Stored value bytes (the FORMAT document repeats this for other languages)::
+Stored value bytes (docs/FORMAT.md repeats this for other languages)::
 
     value   = header payload
-    header  = 1 byte: 0x10 typed, 0x11 typed + Snappy,
-                      0x12 opaque, 0x13 opaque + Snappy
-              (high nibble: format revision 1; bit 1: opaque; bit 0: Snappy;
-               every other value is rejected)
+    header  = 1 byte: 0x20 typed, 0x21 typed + Snappy (the fixed layout,
+                      revision 2: what encode writes),
+                      0x12 opaque, 0x13 opaque + Snappy,
+                      0x10 typed, 0x11 typed + Snappy (revision 1: read only)
+              (bit 0: Snappy; every other value is rejected)
     payload = the bytes below, or their *raw* Snappy compression (the block
               format: a varint of the uncompressed length, then the
               compressed stream; no framing, no CRC)
 
-An opaque payload is the value itself. A typed payload is one msgpack array::
+An opaque payload is the value itself. A typed payload is the fixed-offset
+layout of :mod:`replicad.layout`: schema version, int width, a null bitmap,
+one fixed-size slot per field of that version (scalars and dictionary codes
+in place; strings, bytes and lists as end offsets into a variable area),
+so names are stored once per dataset (in the schema), never per record, and
+one field is one ``struct`` read (:attr:`DatasetCodec.field_getters`).
 
-    [schema_version, v1, v2, ..., vN]
+Revision 1 (written before the fixed layout, still decoded) was one msgpack
+array ``[schema_version, v1, ..., vN]``: ``int`` as msgpack int, ``float`` as
+float 64, ``float32`` as float 32, ``bool``, ``str``, ``bytes`` as bin,
+``list<T>`` as array, null as nil, a ``dictionary`` field's code (or its
+string when the dictionary was full).
 
-with exactly one element per field of schema ``schema_version``, in field
-order, so names are stored once per dataset (in the schema), never per record.
-Values use msgpack's smallest encodings: ``int`` as msgpack int, ``float`` as
-float 64, ``float32`` as float 32, ``bool``, ``str`` as UTF-8 str, ``bytes``
-as bin, ``list<T>`` as array, null as nil. A ``dictionary`` field holds the
-string's code in the field's dictionary (a non-negative int); when that
-dictionary is full, the string itself (see :class:`Dictionary`).
+A ``dictionary`` field holds the string's code in the field's dictionary (a
+non-negative int); when that dictionary is full, the string itself (see
+:class:`Dictionary`).
 
 Canonical encoding: after defaults are filled, the same record gives the same
 bytes for a given dictionary state, schema list and Snappy implementation.
@@ -36,19 +42,19 @@ Every field is always written (no trailing-default trimming); an ``int`` given
 for a ``float``/``float32`` field is converted first (``1`` and ``1.0`` encode
 the same); ``bool`` is never accepted for ``int`` (nor ``int`` for ``bool``).
 Floats keep their IEEE bits (``-0.0`` and NaN payloads are preserved), so
-``decode(encode(r))`` re-encodes to the same bytes.
+``decode(encode(r))`` re-encodes to the same bytes. The int width is the
+smallest that holds every int of the record, and null slots are zero.
 
-Compression is per record, only where it pays: the payload is compressed when
-it is at least :data:`COMPRESS_MIN_BYTES` (128) long and Snappy saves at least
-10% (``compressed * 10 <= payload * 9``). This is a deterministic function of
-the payload, so it keeps the encoding canonical. Why 128: measured on typed
-payloads, Snappy never saved 10% below 128 bytes on numeric records (seed-like
-profiles, small-int lists, float32 embeddings) and did so for only ~25% of
-64-127 byte records with text or repeated strings (mean saving 7%, i.e. a few
-bytes), while every compressed record costs a Snappy call on *every read*.
-From 128 bytes text-like payloads compress (83% of them save 10% or more).
-Seed-like records (~100 bytes) are therefore stored raw and decode without
-Snappy.
+Compression is per record, only where it pays: the payload is compressed
+when it is at least :data:`~replicad.layout.FIXED_COMPRESS_MIN_BYTES` (256)
+long and Snappy saves at least 10% (``compressed * 10 <= payload * 9``). This
+is a deterministic function of the payload, so it keeps the encoding
+canonical. A compressed record costs a Snappy call on every read, one-field
+reads included, and frames compress every batch on the wire anyway; so short
+records stay raw (seed-like records, about 130 bytes, are never compressed),
+and long text-like records, where per-record compression saves map space,
+are compressed. (Revision 1 used 128 bytes; its msgpack payloads were
+denser.)
 
 Size limit: ``max_value_bytes`` bounds the *uncompressed* payload (an opaque
 value's own length, a typed record's msgpack array), checked on encode
@@ -68,12 +74,14 @@ read as ``None``); nothing is rewritten.
 Speed: encoders and decoders are generated per schema version at construction
 (straight-line Python, as :mod:`dataclasses` does for ``__init__``), with a
 type-check fast path per field and a slow path for conversions, defaults,
-nulls and errors; msgpack packers are reused.
+nulls and errors; a whole record is packed and unpacked by one precompiled
+``struct.Struct`` per (schema version, int width).
 """
 
 from __future__ import annotations
 
 import operator
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -91,6 +99,22 @@ from replicad.errors import (
     SchemaError,
     UnknownFieldError,
     ValueTooLargeError,
+)
+from replicad.layout import (
+    FIXED_COMPRESS_MIN_BYTES,
+    HEADER_FIXED,
+    HEADER_FIXED_SNAPPY,
+    INT_CHARS,
+    SPILL,
+    Layout,
+    LayoutError,
+    field_getter,
+    read_bools,
+    read_floats,
+    read_ints,
+    read_packed,
+    read_prefix,
+    read_spills,
 )
 from replicad.schema import (
     FLOAT32_MAX,
@@ -111,7 +135,8 @@ DEFAULT_MAX_VALUE_BYTES = 1 << 20
 """Default bound of an uncompressed value payload (1 MiB)."""
 
 COMPRESS_MIN_BYTES = 128
-"""Payloads shorter than this are never compressed (see the module doc)."""
+"""Opaque values shorter than this are never compressed (typed records: see
+the module doc)."""
 
 DEFAULT_DICTIONARY_ENTRIES = 65_536
 """Default bound of entries per dictionary field (codes 0..65535)."""
@@ -413,19 +438,6 @@ def _needs_fix(ftype: FieldType, var: str) -> str:
     return f"{var}.__class__ is not {cls}"
 
 
-def _array_header_len(count: int) -> int:
-    return 1 if count <= 15 else 3 if count <= 0xFFFF else 5
-
-
-def _precision(field: Field) -> int:
-    """32 or 64 for fields holding floats, 0 for fields both packers pack alike."""
-    if field.type is FieldType.FLOAT32:
-        return 32
-    if field.type is FieldType.FLOAT:
-        return 64
-    return 0
-
-
 def _make_fixer(field: Field) -> Callable[[Any], Any]:
     """The slow path of one field: absent, null, conversions, errors."""
     name = field.name
@@ -481,6 +493,7 @@ class _Generator:
         self.dictionary = dictionary
         self.max_value_bytes = max_value_bytes
         self.compress = compress
+        self.layouts = {schema.version: Layout(schema) for schema in schemas}
         self.ns: dict[str, Any] = {
             "Corrupt": CorruptRecordError,
             "DECODE_ERRORS": _DECODE_ERRORS,
@@ -490,6 +503,16 @@ class _Generator:
             "HZ": _H_TYPED_SNAPPY,
             "log": dictionary._log,
             "truncate": dictionary.truncate,
+            "StructError": struct.error,
+            "pack": struct.pack,
+            "packb": msgpack.Packer(use_bin_type=True, autoreset=True).pack,
+            "LIF": tuple(f"<%d{c}" for c in INT_CHARS),
+            "H2Z": bytes([HEADER_FIXED_SNAPPY]),
+            "SPILL": SPILL,
+            "read_ints": read_ints,
+            "read_floats": read_floats,
+            "read_bools": read_bools,
+            "read_packed": read_packed,
         }
         for i, field in enumerate(self.fields):
             if field.dictionary:
@@ -538,40 +561,99 @@ class _Generator:
             ]
         return out, exprs
 
-    def _pack_expression(self, exprs: list[str]) -> tuple[str, bool]:
-        """The expression packing the record, and whether it includes the
-        header byte.
+    def _pack_lines(self) -> list[str]:
+        """Lines packing the checked values ``v<i>`` (``c<i>``: dictionary
+        codes, strings or None) into ``value``, the fixed-layout record with
+        its header byte (see :mod:`replicad.layout`)."""
+        layout = self.layouts[self.latest.version]
+        fields = self.fields
+        self.ns["PACK"] = tuple(st.pack for st in layout.structs)
+        out: list[str] = []
 
-        msgpack packs floats as 32 or 64 bits per packer, not per value. With
-        one float precision, one packer packs the whole array (the header byte
-        is added after). With both, the array is split into runs of one
-        precision, packed as lists whose array headers are cut off, and joined
-        behind the header byte and one array header for the whole array.
-        """
-        runs: list[tuple[int, list[str]]] = [(0, [str(self.latest.version)])]
-        for field, expr in zip(self.fields, exprs, strict=True):
-            p = _precision(field)
-            last_p, items = runs[-1]
-            if p and last_p and p != last_p:
-                runs.append((p, [expr]))
+        def var(i: int) -> str:
+            return f"c{i}" if fields[i].dictionary else f"v{i}"
+
+        # the null bitmap, before dictionary values turn into codes
+        nulls: list[str] = []
+        for b in range(layout.null_bytes):
+            terms = [
+                f"({var(i)} is None) << {mask.bit_length() - 1}"
+                for i, (byte, mask) in layout.null_bit.items()
+                if byte == b
+            ]
+            out.append(f"n{b} = {' | '.join(terms)}")
+            nulls.append(f"n{b}")
+        if layout.dictionary:
+            out.append("sp = []")
+        for i in layout.dictionary:
+            out += [f"if c{i}.__class__ is not int:", f"    c{i} = spill(c{i}, sp)"]
+        # the int width: the smallest holding every int of the record
+        scalars = [f"(v{i} or 0)" if fields[i].nullable else f"v{i}" for i in layout.ints]
+        if not scalars and not layout.int_lists:
+            out.append("w = 0")
+        else:
+            if not scalars:
+                out.append("lo = hi = 0")
+            elif len(scalars) == 1:
+                out.append(f"lo = hi = {scalars[0]}")
             else:
-                runs[-1] = (last_p or p, [*items, expr])
-        self.ns["pack64"] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
-        self.ns["pack32"] = msgpack.Packer(
-            use_bin_type=True, autoreset=True, use_single_float=True
-        ).pack
-        if len(runs) == 1:
-            p, items = runs[0]
-            return f"pack{p or 64}([{', '.join(items)}])", False
-        self.ns["PREFIX"] = _H_TYPED + msgpack.Packer().pack_array_header(len(exprs) + 1)
-        parts = ["PREFIX"]
-        for p, items in runs:
-            if len(items) == 1:
-                parts.append(f"pack{p}({items[0]})")
+                out += [f"lo = min({', '.join(scalars)})", f"hi = max({', '.join(scalars)})"]
+            for i in layout.int_lists:
+                out += [
+                    f"if v{i}:",
+                    f"    lo = min(lo, min(v{i}))",
+                    f"    hi = max(hi, max(v{i}))",
+                ]
+            out.append(
+                "w = 0 if -128 <= lo and hi <= 127 else 1 if -32768 <= lo and hi <= 32767 "
+                "else 2 if -2147483648 <= lo and hi <= 2147483647 else 3"
+            )
+        # the variable fields' bytes and end offsets
+        previous: int | None = None
+        for i in layout.variable:
+            field = fields[i]
+            v = f"v{i}"
+            if field.is_list:
+                if field.type is FieldType.INT:
+                    expr = f"pack(LIF[w] % len({v}), *{v})"
+                elif field.type is FieldType.FLOAT:
+                    expr = f"pack('<%dd' % len({v}), *{v})"
+                elif field.type is FieldType.FLOAT32:
+                    expr = f"pack('<%df' % len({v}), *{v})"
+                elif field.type is FieldType.BOOL:
+                    expr = f"bytes({v})"
+                else:
+                    expr = f"packb({v})"
+            elif field.type is FieldType.STR:
+                expr = f"{v}.encode()"
             else:
-                cut = _array_header_len(len(items))
-                parts.append(f"pack{p or 64}([{', '.join(items)}])[{cut}:]")
-        return f"b''.join(({', '.join(parts)}))", True
+                expr = v
+            if field.nullable:
+                expr = f"b'' if {v} is None else {expr}"
+            out.append(f"b{i} = {expr}")
+            out.append(
+                f"e{i} = len(b{i})" if previous is None else f"e{i} = e{previous} + len(b{i})"
+            )
+            previous = i
+        slots: list[str] = []
+        for i, field in enumerate(fields):
+            if field.dictionary:
+                slots.append(f"c{i}")
+            elif i in layout.variable:
+                slots.append(f"e{i}")
+            elif field.nullable:
+                slots.append(f"0 if v{i} is None else v{i}")
+            else:
+                slots.append(f"v{i}")
+        head = f"PACK[w]({HEADER_FIXED}, {self.latest.version}, w, {', '.join(nulls + slots)})"
+        if layout.variable:
+            parts = ", ".join([head, *(f"b{i}" for i in layout.variable)])
+            out.append(f"value = b''.join(({parts}))")
+        else:
+            out.append(f"value = {head}")
+        if layout.dictionary:
+            out += ["if sp:", "    value += packb(sp)"]
+        return out
 
     def encode_source(self) -> str:
         latest = self.latest
@@ -621,14 +703,21 @@ class _Generator:
         variables = ", ".join(f"v{i}" for i in range(count))
         checks, exprs = self._check_lines()
         stored = ", ".join(exprs)
-        pack, with_header = self._pack_expression(exprs)
+
+        def spill(value: str | None, spills: list[str]) -> int:
+            if value is None:
+                return 0
+            spills.append(value)
+            return SPILL
+
+        self.ns["spill"] = spill
         body = [
             *checks,
             "try:",
-            f"    {'value' if with_header else 'payload'} = {pack}",
-            "except (ValueError, TypeError, OverflowError) as exc:",
+            *("    " + line for line in self._pack_lines()),
+            "except (ValueError, TypeError, OverflowError, StructError) as exc:",
             f"    pack_failed(exc, ({stored},))",
-            "n = len(value) - 1" if with_header else "n = len(payload)",
+            "n = len(value) - 1",
             f"if n > {max_value_bytes}:",
             "    too_large(n)",
         ]
@@ -657,12 +746,12 @@ class _Generator:
             src += ["    " + line for line in body]
         if self.compress:
             src += [
-                f"    if n >= {COMPRESS_MIN_BYTES}:",
-                f"        z = compress_raw({'value[1:]' if with_header else 'payload'})",
+                f"    if n >= {FIXED_COMPRESS_MIN_BYTES}:",
+                "        z = compress_raw(value[1:])",
                 "        if len(z) * 10 <= n * 9:",
-                "            return HZ + z",
+                "            return H2Z + z",
             ]
-        src += ["    return value" if with_header else "    return H + payload", ""]
+        src += ["    return value", ""]
         return "\n".join(src)
 
     # --- decode
@@ -776,20 +865,200 @@ class _Generator:
             f"    if (vals.__class__ is not list or len(vals) != {len(fields) + 1} "
             f"or vals[0] != {latest.version} or vals[0].__class__ is not int):",
         ]
-        src += ["def decode(data):", *prologue, "        return old_version(vals, True)"]
+        src += ["def v1_decode(data):", *prologue, "        return old_version(vals, True)"]
         src += [ind + line for line in self._dict_lines(latest)]
         src += ["    return d", ""]
-        src += ["def decode_values(data):", *prologue, "        return old_version(vals, False)"]
+        src += ["def v1_decode_values(data):", *prologue, "        return old_version(vals, False)"]
         src += [ind + line for line in self._list_lines(latest)]
         src += ["    return vals", ""]
+        return "\n".join(src)
+
+    def _fixed_lines(self, schema: Schema, as_dict: bool) -> list[str]:
+        """The body of ``fx<l|d>_v<version>(data, t)``: a fixed-layout record of
+        ``schema`` (``t`` is what the version's struct unpacked) as the latest
+        schema's value list or dict."""
+        layout = self.layouts[schema.version]
+        fields = schema.fields
+        nulls = [f"n{b}" for b in range(layout.null_bytes)]
+        slots = [f"a{i}" for i in range(len(fields))]
+        out = [f"(_, _, w, {', '.join(nulls + slots)},) = t", f"B = BASE{schema.version}[w]"]
+        variable = layout.variable
+        if variable:
+            out.append(f"end = B + a{variable[-1]}")
+            if len(variable) > 1:
+                chain = " <= ".join(f"a{i}" for i in variable)
+                out += [
+                    f"if not {chain}:",
+                    "    raise LayoutError('variable field offsets decrease')",
+                ]
+        else:
+            out.append("end = B")
+        out += ["if len(data) != end:", f"    check_tail(data, end, t, {schema.version})"]
+        exprs: list[str] = []
+        previous: int | None = None
+        for i, field in enumerate(fields):
+            null = layout.null_bit.get(i)
+            is_null = f"n{null[0]} & {null[1]}" if null is not None else ""
+            if field.dictionary:
+                lines = [
+                    "try:",
+                    f"    x{i} = S{i}[a{i}]",
+                    "except IndexError:",
+                    f"    x{i} = dict_slow(data, end, t, {schema.version}, {i})",
+                ]
+                if is_null:
+                    out += [f"if {is_null}:", f"    x{i} = None", "else:"]
+                    out += ["    " + line for line in lines]
+                else:
+                    out += lines
+                exprs.append(f"x{i}")
+                continue
+            if i in variable:
+                lo = "B" if previous is None else f"B + a{previous}"
+                hi = f"B + a{i}"
+                previous = i
+                if field.is_list:
+                    expr = {
+                        FieldType.INT: f"read_ints(data, {lo}, {hi}, w)",
+                        FieldType.FLOAT: f"read_floats(data, {lo}, {hi}, 'd')",
+                        FieldType.FLOAT32: f"read_floats(data, {lo}, {hi}, 'f')",
+                        FieldType.BOOL: f"read_bools(data, {lo}, {hi})",
+                        FieldType.STR: f"read_packed(data, {lo}, {hi}, str)",
+                        FieldType.BYTES: f"read_packed(data, {lo}, {hi}, bytes)",
+                    }[field.type]
+                elif field.type is FieldType.STR:
+                    expr = f"str(data[{lo}:{hi}], 'utf-8')"
+                else:
+                    expr = f"bytes(data[{lo}:{hi}])"
+            else:
+                expr = f"a{i}"
+            exprs.append(f"None if {is_null} else {expr}" if is_null else expr)
+        for i in range(len(fields), len(self.fields)):
+            field = self.fields[i]
+            exprs.append(f"list(D{i})" if field.is_list and field.default is not None else f"D{i}")
+        if as_dict:
+            items = ", ".join(f"{f.name!r}: {e}" for f, e in zip(self.fields, exprs, strict=True))
+            out.append(f"return {{{items}}}")
+        else:
+            out.append(f"return [{', '.join(exprs)}]")
+        return out
+
+    def fixed_source(self) -> str:
+        """Decoders of the fixed layout (revision 2): ``decode`` and
+        ``decode_values``, the entry points, with a fast path for an
+        uncompressed record of the latest schema version."""
+        latest = self.latest.version
+        layouts = self.layouts
+        known = ", ".join(str(v) for v in layouts)
+        ns = self.ns
+
+        def check_tail(data: Any, end: int, t: tuple[Any, ...], version: int) -> None:
+            if len(data) < end:
+                raise LayoutError(
+                    f"record of {len(data)} bytes is shorter than its offsets ({end})"
+                )
+            layout = layouts[version]
+            spilled = sum(1 for i in layout.dictionary if t[layout.slot(i)] == SPILL)
+            if spilled != len(read_spills(data, end)):
+                raise LayoutError(f"{spilled} spilled dictionary strings, a tail that differs")
+
+        def dict_slow(data: Any, end: int, t: tuple[Any, ...], version: int, index: int) -> str:
+            layout = layouts[version]
+            code = t[layout.slot(index)]
+            name = layout.fields[index].name
+            size = len(ns[f"S{index}"])
+            if code != SPILL:
+                bad_code(name, code, size)
+            ordinal = sum(1 for i in layout.dictionary if i < index and t[layout.slot(i)] == SPILL)
+            spills = read_spills(data, end)
+            if ordinal >= len(spills):
+                raise LayoutError(f"field {name!r} is spilled but the spill tail is short")
+            return spills[ordinal]
+
+        def bad_code(name: str, code: object, size: int) -> None:
+            raise CorruptRecordError(
+                f"dictionary code {code!r} of field {name!r} is not in the dictionary "
+                f"({size} entries)"
+            )
+
+        def bad_layout(exc: Exception) -> None:
+            raise CorruptRecordError(f"bad fixed-layout record: {exc}") from exc
+
+        def other(data: Any, as_dict: bool) -> Any:
+            """Everything but the fast path: compressed, another schema
+            version, revision 1, malformed."""
+            if not data:
+                raise CorruptRecordError("empty value")
+            head = data[0]
+            if head == HEADER_FIXED_SNAPPY:
+                data = bytes([HEADER_FIXED]) + bytes(ns["inflate"](data))
+            elif head != HEADER_FIXED:
+                return ns["v1_decode" if as_dict else "v1_decode_values"](data)
+            try:
+                _, version, w = read_prefix(data)
+            except LayoutError as exc:
+                raise CorruptRecordError(str(exc)) from None
+            fn = ns["FIXED_DICT" if as_dict else "FIXED_LIST"].get(version)
+            if fn is None:
+                raise CorruptRecordError(f"unknown schema version {version!r} (known: {known})")
+            st = layouts[version].structs[w]
+            if len(data) < st.size:
+                raise CorruptRecordError(
+                    f"schema version {version} record of {len(data)} bytes is shorter than "
+                    f"its fixed part ({st.size})"
+                )
+            return fn(data, st.unpack_from(data))
+
+        self.ns.update(
+            check_tail=check_tail,
+            dict_slow=dict_slow,
+            bad_layout=bad_layout,
+            other=other,
+            LayoutError=LayoutError,
+            CorruptRecordError=CorruptRecordError,
+            LAYOUT_ERRORS=(*_DECODE_ERRORS, struct.error),
+            UNPACK=tuple(st.unpack_from for st in layouts[latest].structs),
+        )
+        src: list[str] = []
+        for version, layout in layouts.items():
+            self.ns[f"BASE{version}"] = layout.base
+            for kind, as_dict in (("d", True), ("l", False)):
+                src += [f"def fx{kind}_v{version}(data, t):", "    try:"]
+                src += ["        " + line for line in self._fixed_lines(layout.schema, as_dict)]
+                src += [
+                    "    except CorruptRecordError:",
+                    "        raise",
+                    "    except LAYOUT_ERRORS as exc:",
+                    "        bad_layout(exc)",
+                    "",
+                ]
+        for name, kind, as_dict in (("decode", "d", True), ("decode_values", "l", False)):
+            src += [
+                f"def {name}(data):",
+                "    try:",
+                "        t = UNPACK[data[3]](data)",
+                "    except (IndexError, StructError, TypeError):",
+                f"        return other(data, {as_dict})",
+                f"    if t[0] != {HEADER_FIXED} or t[1] != {latest}:",
+                f"        return other(data, {as_dict})",
+                f"    return fx{kind}_v{latest}(data, t)",
+                "",
+            ]
         return "\n".join(src)
 
     def build(self) -> dict[str, Any]:
         """Compile both sources; the namespace holds ``encode``, ``decode``,
         ``decode_values`` and the per-version decoders."""
-        for name, source in (("encode", self.encode_source()), ("decode", self.decode_source())):
+        sources = (
+            ("encode", self.encode_source()),
+            ("decode_v1", self.decode_source()),
+            ("decode", self.fixed_source()),
+        )
+        for name, source in sources:
             self.ns[f"SOURCE_{name}"] = source
             exec(compile(source, f"<replicad.codec {name}>", "exec"), self.ns)
+        self.ns["FIXED_DICT"] = {v: self.ns[f"fxd_v{v}"] for v in self.layouts}
+        self.ns["FIXED_LIST"] = {v: self.ns[f"fxl_v{v}"] for v in self.layouts}
         self.ns["DICT_DECODERS"] = {s.version: self.ns[f"dict_v{s.version}"] for s in self.schemas}
         self.ns["LIST_DECODERS"] = {s.version: self.ns[f"list_v{s.version}"] for s in self.schemas}
         return self.ns
@@ -854,6 +1123,18 @@ class DatasetCodec:
     schema version (and for every value of an opaque dataset).
     """
 
+    field_getters: Mapping[str, Callable[[Any], Any]]
+    """Field name -> a function reading that one field of a record's value
+    bytes (latest schema) without decoding the rest: one ``struct`` call for
+    a scalar or dictionary field of an uncompressed fixed-layout record of
+    the latest schema version (a slice more for ``str`` and ``bytes``), a
+    full :attr:`decode_values` otherwise (lists, compressed records, older
+    versions and revisions). It returns what ``decode(data)[name]`` would;
+    for a malformed record it raises what decoding raises, or returns the
+    field when the bytes it reads are sound (it checks only those). Empty
+    for an opaque dataset; read-only.
+    """
+
     decode_values: Callable[[bytes | bytearray | memoryview], list[Any]]
     """``decode_values(data)``: a typed record's values as a new list in the
     latest schema's field order.
@@ -881,6 +1162,7 @@ class DatasetCodec:
             self._schemas: tuple[Schema, ...] = ()
             self._names: tuple[str, ...] = ()
             self._index: dict[str, int] = {}
+            self.field_getters: Mapping[str, Callable[[Any], Any]] = {}
             self.encode = self._opaque_encode
             self.decode = self._opaque_decode
             self.decode_values = self._opaque_decode
@@ -903,10 +1185,30 @@ class DatasetCodec:
         self._index = {name: i for i, name in enumerate(self._names)}
         ns = _Generator(self._schemas, self._dictionary, max_value_bytes, self._compress).build()
         ns["payload_of"] = self._typed_payload
+        ns["inflate"] = self._inflate
         self.encode = ns["encode"]
         self.decode = ns["decode"]
         self.decode_values = ns["decode_values"]
-        self.sources = {"encode": ns["SOURCE_encode"], "decode": ns["SOURCE_decode"]}
+        self.sources = {
+            "encode": ns["SOURCE_encode"],
+            "decode": ns["SOURCE_decode"],
+            "decode_v1": ns["SOURCE_decode_v1"],
+        }
+        layout = Layout(self._schemas[-1])
+        decode_values = self.decode_values
+
+        def slow(index: int) -> Callable[[Any], Any]:
+            return lambda data: decode_values(data)[index]
+
+        self.field_getters = {
+            field.name: field_getter(
+                layout,
+                i,
+                self._dictionary._table(field.name)[0] if field.dictionary else None,
+                slow(i),
+            )
+            for i, field in enumerate(layout.fields)
+        }
 
     # --- properties
 
@@ -950,6 +1252,16 @@ class DatasetCodec:
         """Field name -> position in :meth:`decode_values`'s list (latest
         schema); read-only, for hot paths that look fields up by name."""
         return self._index
+
+    def field_getter(self, name: str) -> Callable[[Any], Any]:
+        """The reader of one field (see :attr:`field_getters`).
+
+        Raises :class:`UnknownFieldError` if the latest schema has no such field.
+        """
+        try:
+            return self.field_getters[name]
+        except KeyError:
+            raise UnknownFieldError(f"unknown field {name!r}") from None
 
     def field_index(self, name: str) -> int:
         """The position of field ``name`` in :meth:`decode_values`'s list.
@@ -1029,7 +1341,7 @@ class DatasetCodec:
             return bytes(data[1:])
         if head == HEADER_OPAQUE_SNAPPY:
             return bytes(self._inflate(data))
-        if head in (HEADER_TYPED, HEADER_TYPED_SNAPPY):
+        if head in (HEADER_TYPED, HEADER_TYPED_SNAPPY, HEADER_FIXED, HEADER_FIXED_SNAPPY):
             raise CorruptRecordError("a typed record where an opaque value was expected")
         raise CorruptRecordError(f"unknown value header {head!r}")
 

@@ -71,8 +71,12 @@ class StaleDataError(ReplicadError):
 class Record(Sequence[Any]):
     """One record, decoded lazily: ``rec["age"]``, ``rec[0]``, ``rec.to_dict()``.
 
-    The value is decoded on the first field access, once. For opaque
-    datasets, ``rec.value`` is the bytes and there are no fields.
+    ``rec[name]`` on a record not yet decoded reads that one field from the
+    stored bytes (one ``struct`` call for a scalar); ``rec.values``,
+    ``rec.to_dict()``, ``len(rec)``, iteration and ``rec[index]`` decode the
+    whole record, once, and later reads use that. To read many fields of
+    one record, ``rec.values`` or ``rec.to_dict()`` first is cheaper. For
+    opaque datasets, ``rec.value`` is the bytes and there are no fields.
     """
 
     __slots__ = ("_codec", "_raw", "_values", "cursor", "stale")
@@ -105,6 +109,11 @@ class Record(Sequence[Any]):
     def __getitem__(self, item: Any) -> Any:
         values = self._values
         if values is None:
+            if item.__class__ is str:
+                # one field of an undecoded record: read just that field
+                get = self._codec.field_getters.get(item)
+                if get is not None:
+                    return get(self._raw)
             values = self._values = self._codec.decode_values(self._raw)
         if item.__class__ is str:
             index = self._codec.field_positions.get(item)

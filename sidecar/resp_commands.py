@@ -896,13 +896,16 @@ class Dispatcher:
             return None
         if is_opaque(record):
             return Error(f"WRONGTYPE dataset '{dataset}' is opaque: its records have no fields")
-        doc = record.to_dict()
+        # a few fields: read each in place (the fixed layout); many: decode once
+        doc: Any = record.to_dict() if len(args) > 7 else record
         out: list[Reply] = []
         for raw_name in args[3:]:
             name = raw_name.decode("utf-8", "replace")
-            if name not in doc:
+            try:
+                value = doc[name]
+            except KeyError:
                 return Error(f"ERR dataset '{dataset}' has no field '{_text(raw_name, 64)}'")
-            out.append(to_json(doc[name]))
+            out.append(to_json(value))
         return out
 
     # ------------------------------------------------------------ INFO

@@ -43,6 +43,7 @@ from replicad.errors import (
     UnknownFieldError,
     ValueTooLargeError,
 )
+from replicad.layout import FIXED_COMPRESS_MIN_BYTES, HEADER_FIXED, HEADER_FIXED_SNAPPY
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.schema import FLOAT32_MAX, INT64_MAX, INT64_MIN, Field, FieldType, Schema
 
@@ -175,12 +176,17 @@ def test_typed_round_trip_and_canonical(
     assert codec.encode(codec.decode(encoded)) == encoded
     # Same dictionary state (a fresh one, same additions) -> same bytes.
     assert DatasetCodec([schema], compress=compress).encode(record) == encoded
-    assert encoded[0] in (HEADER_TYPED, HEADER_TYPED_SNAPPY)
+    assert encoded[0] in (HEADER_FIXED, HEADER_FIXED_SNAPPY)
     if not compress:
-        assert encoded[0] == HEADER_TYPED
+        assert encoded[0] == HEADER_FIXED
     # Bytes-like input decodes the same.
     assert codec.decode(memoryview(encoded)) == want
     assert codec.decode(bytearray(encoded)) == want
+    # One-field reads agree with decoding, from bytes and from a zero-copy view.
+    for name in schema.names:
+        get = codec.field_getter(name)
+        assert get(encoded) == want[name]
+        assert get(memoryview(encoded)) == want[name]
 
 
 @SETTINGS
@@ -237,16 +243,18 @@ def test_compressed_payload_is_standard_raw_snappy() -> None:
     schema = Schema(1, (Field("text", S),))
     codec = DatasetCodec([schema])
     encoded = codec.encode({"text": "feature " * 40})
-    assert encoded[0] == HEADER_TYPED_SNAPPY
+    assert encoded[0] == HEADER_FIXED_SNAPPY
     payload = bytes(cramjam.snappy.decompress_raw(encoded[1:]))
-    assert msgpack.unpackb(payload) == [1, "feature " * 40]
+    # version 1, int width code 0, the str's end offset, the var area
+    assert payload == struct.pack("<HBI", 1, 0, 320) + b"feature " * 40
 
 
 def test_short_payloads_are_never_compressed() -> None:
     schema = Schema(1, (Field("text", S),))
     codec = DatasetCodec([schema])
-    assert codec.encode({"text": "a" * 100})[0] == HEADER_TYPED  # payload < 128 bytes
-    assert codec.encode({"text": "a" * 130})[0] == HEADER_TYPED_SNAPPY
+    short = FIXED_COMPRESS_MIN_BYTES - 8  # payload: 7 bytes of prefix and slot + text
+    assert codec.encode({"text": "a" * short})[0] == HEADER_FIXED
+    assert codec.encode({"text": "a" * (short + 1)})[0] == HEADER_FIXED_SNAPPY
 
 
 def test_int_for_float_is_converted_and_canonical() -> None:
@@ -262,8 +270,8 @@ def test_float32_is_stored_in_four_bytes_and_rounded() -> None:
     schema = Schema(1, (Field("x", F32),))
     codec = DatasetCodec([schema])
     encoded = codec.encode({"x": 0.1})
-    assert encoded == bytes([HEADER_TYPED]) + msgpack.packb([1, 0.1], use_single_float=True)
-    assert len(encoded) == 1 + 1 + 1 + 5
+    assert encoded == bytes([HEADER_FIXED]) + struct.pack("<HBf", 1, 0, 0.1)
+    assert len(encoded) == 1 + 2 + 1 + 4
     assert codec.decode(encoded)["x"] == f32(0.1) != 0.1
 
 
@@ -275,18 +283,18 @@ def test_mixed_float_precisions_in_any_order() -> None:
     codec = DatasetCodec([schema], compress=False)
     record = {f.name: ([0.1, 2.5] if f.is_list else (7 if f.type is INT else 0.1)) for f in fields}
     encoded = codec.encode(record)
-    values = msgpack.unpackb(encoded[1:])
-    assert values[0] == 1
-    for field, value in zip(fields, values[1:], strict=True):
+    values = codec.decode_values(encoded)
+    for field, value in zip(fields, values, strict=True):
         want = f32(0.1) if field.type is F32 else 0.1
         if field.is_list:
             assert value == [want, 2.5]
         elif field.type is not INT:
             assert value == want
-    # float32 values take 5 bytes, float64 9 bytes: check the exact size.
+    # float32 values take 4 bytes, float64 8, the int (7) 1 byte: the exact size.
     scalar32 = sum(1 for f in fields if f.type is F32 and not f.is_list)
     scalar64 = sum(1 for f in fields if f.type is F and not f.is_list)
-    size = 3 + 1 + scalar32 * 5 + scalar64 * 9 + 1 + (1 + 5 + 5) + (1 + 9 + 9)
+    prefix, slots = 2 + 1, scalar32 * 4 + scalar64 * 8 + 1 + 4 + 4
+    size = prefix + slots + 2 * 4 + 2 * 8
     assert len(encoded) == 1 + size
 
 
@@ -513,6 +521,13 @@ def _decoders(codec: DatasetCodec) -> list[Any]:
     return [codec.decode, codec.decode_values]
 
 
+def _field_reads(codec: DatasetCodec, blob: bytes) -> None:
+    """Every one-field read of ``blob`` returns or raises CorruptRecordError."""
+    for get in codec.field_getters.values():
+        with contextlib.suppress(CorruptRecordError):
+            get(blob)
+
+
 OPAQUE = DatasetCodec(None)
 
 
@@ -532,6 +547,7 @@ def test_every_truncation_is_corrupt() -> None:
             for decode in _decoders(codec):
                 with pytest.raises(CorruptRecordError):
                     decode(value[:cut])
+            _field_reads(codec, value[:cut])
     opaque = DatasetCodec(None)
     for value in (opaque.encode_opaque(b"v" * 300), opaque.encode_opaque(b"short")):
         for cut in range(len(value)):
@@ -552,10 +568,14 @@ def test_random_corruption_is_corrupt_or_decodes(which: int, data: st.DataObject
     for decode in _decoders(codec):
         with contextlib.suppress(CorruptRecordError):
             decode(bytes(damaged))
+    _field_reads(codec, bytes(damaged))
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=64), head=st.sampled_from([0x10, 0x11, 0x12, 0x13, 0x00, 0xFF]))
+@given(
+    data=st.binary(max_size=64),
+    head=st.sampled_from([0x10, 0x11, 0x12, 0x13, 0x20, 0x21, 0x00, 0xFF]),
+)
 def test_arbitrary_bytes_are_corrupt_or_decode(data: bytes, head: int) -> None:
     codec, _ = _valid_values()[0]
     opaque = OPAQUE
@@ -563,6 +583,7 @@ def test_arbitrary_bytes_are_corrupt_or_decode(data: bytes, head: int) -> None:
     for decode in [*_decoders(codec), opaque.decode_opaque]:
         with contextlib.suppress(CorruptRecordError):
             decode(blob)
+    _field_reads(codec, blob)
 
 
 def _typed(values: list[Any]) -> bytes:
@@ -575,7 +596,7 @@ def test_structural_corruption() -> None:
     assert codec.decode(codec.encode({"city": "beijing", "n": 1})) == {"city": "beijing", "n": 1}
     cases = {
         b"": "empty",
-        b"\x20" + msgpack.packb([1, 0, 1]): "unknown value header",
+        b"\x30" + msgpack.packb([1, 0, 1]): "unknown value header",
         _typed([99, 0, 1]): "unknown schema version 99",
         _typed([True, 0, 1]): "unknown schema version True",
         _typed(["1", 0, 1]): "unknown schema version",
@@ -599,6 +620,50 @@ def test_structural_corruption() -> None:
                 decode(blob)
     # An inline string (dictionary was full when written) is accepted.
     assert codec.decode(_typed([1, "wuhan", 1])) == {"city": "wuhan", "n": 1}
+
+
+def _fixed(version: int, width: int, fmt: str, *slots: Any) -> bytes:
+    return bytes([HEADER_FIXED]) + struct.pack("<HB" + fmt, version, width, *slots)
+
+
+def test_fixed_layout_structural_corruption() -> None:
+    schema = Schema(
+        1,
+        (
+            Field("city", S, dictionary=True),
+            Field("n", INT),
+            Field("name", S),
+            Field("tags", INT, is_list=True),
+        ),
+    )
+    codec = DatasetCodec([schema])
+    good = codec.encode({"city": "beijing", "n": 1, "name": "ab", "tags": [3]})
+    assert good == _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"ab\x03"
+    cases = {
+        _fixed(1, 4, "IbII", 0, 1, 2, 3) + b"ab\x03": "unknown int width code 4",
+        _fixed(7, 0, "IbII", 0, 1, 2, 3) + b"ab\x03": "unknown schema version 7",
+        bytes([HEADER_FIXED, 1, 0]): "no room for its prefix",
+        _fixed(1, 0, "Ib", 0, 1): "shorter than its fixed part",
+        _fixed(1, 0, "IbII", 5, 1, 2, 3) + b"ab\x03": "dictionary code 5 of field 'city'",
+        _fixed(1, 0, "IbII", 0, 1, 2, 9) + b"ab\x03": "shorter than its offsets",
+        _fixed(1, 0, "IbII", 0, 1, 3, 2) + b"ab\x03": "offsets decrease",
+        _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"ab\x03\x00": "spill",
+        _fixed(1, 0, "IbII", 0xFFFFFFFF, 1, 2, 3) + b"ab\x03": "spill",
+        _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"\xff\xfe\x03": "utf-8",
+        _fixed(1, 1, "IhII", 0, 1, 2, 3) + b"ab\x03": "not a multiple of 2",
+    }
+    for blob, match in cases.items():
+        for decode in _decoders(codec):
+            with pytest.raises(CorruptRecordError, match=match):
+                decode(blob)
+        # one-field reads either read their own bytes or raise the same error
+        for name in schema.names:
+            with contextlib.suppress(CorruptRecordError):
+                codec.field_getter(name)(blob)
+    # revision 1 records (written before the fixed layout) still decode
+    old = _typed([1, 0, 1, "ab", [3]])
+    assert codec.decode(old) == codec.decode(good)
+    assert [codec.field_getter(n)(old) for n in schema.names] == codec.decode_values(good)
 
 
 def test_snappy_is_bounded_and_checked() -> None:
@@ -641,7 +706,13 @@ def test_dictionary_overflow_falls_back_to_inline_strings() -> None:
     assert codec.decode(c) == {"city": "c-overflow", "n": 1}
     assert codec.encode(codec.decode(c)) == c
     assert codec.encode({"city": "a", "n": 1}) == a
-    assert msgpack.unpackb(a[1:]) == [1, 0, 1]
+    # header, version 1, width code 0, city code 0, n = 1
+    assert a == bytes([HEADER_FIXED]) + struct.pack("<HBIb", 1, 0, 0, 1)
+    # the full dictionary's string: code 0xFFFFFFFF and a msgpack spill tail
+    assert c == bytes([HEADER_FIXED]) + struct.pack("<HBIb", 1, 0, 0xFFFFFFFF, 1) + msgpack.packb(
+        ["c-overflow"]
+    )
+    assert codec.field_getter("city")(c) == "c-overflow"
 
 
 def test_dictionary_marks_entries_and_rollback() -> None:

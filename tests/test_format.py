@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -29,25 +30,101 @@ from sidecar.mirror import Mirror
 # --- an independent reader, from docs/FORMAT.md only -------------------------
 
 
+_SCALAR = {"float": ("d", 8), "float32": ("f", 4), "bool": ("?", 1)}
+
+
+def fmt_fixed(payload: bytes, definition: dict[str, Any]) -> tuple[int, list[Any]]:
+    """A fixed-layout payload (header 0x20/0x21) as (version, field values)."""
+    version, width = struct.unpack_from("<HB", payload)
+    fields = {s["version"]: s for s in definition["schemas"]}[version]["fields"]
+    nullable = [f["name"] for f in fields if f.get("nullable")]
+    nb = (len(nullable) + 7) // 8
+    nulls = payload[3 : 3 + nb]
+    pos = 3 + nb
+    int_size = 1 << width
+    int_code = "bhiq"[width]
+    slots: list[Any] = []
+    for f in fields:
+        variable = f["type"].startswith("list<") or (
+            f["type"] in ("str", "bytes") and not f.get("dictionary")
+        )
+        if variable or f.get("dictionary"):
+            code, size = "I", 4
+        elif f["type"] == "int":
+            code, size = int_code, int_size
+        else:
+            code, size = _SCALAR[f["type"]]
+        slots.append(struct.unpack_from("<" + code, payload, pos)[0])
+        pos += size
+    var_start = pos
+    ends = [
+        slot
+        for f, slot in zip(fields, slots, strict=True)
+        if f["type"].startswith("list<")
+        or (f["type"] in ("str", "bytes") and not f.get("dictionary"))
+    ]
+    tail_start = var_start + (ends[-1] if ends else 0)
+    spills = iter(msgpack.unpackb(payload[tail_start:]) if len(payload) > tail_start else [])
+    values: list[Any] = []
+    start = 0
+    for f, slot in zip(fields, slots, strict=True):
+        name, ftype = f["name"], f["type"]
+        if name in nullable:
+            j = nullable.index(name)
+            is_null = bool(nulls[j // 8] >> (j % 8) & 1)
+        else:
+            is_null = False
+        if f.get("dictionary"):
+            strings = definition["dictionary"]["fields"][name]
+            values.append(
+                None if is_null else next(spills) if slot == 0xFFFFFFFF else strings[slot]
+            )
+        elif ftype.startswith("list<") or ftype in ("str", "bytes"):
+            span = payload[var_start + start : var_start + slot]
+            start = slot
+            item = ftype[5:-1] if ftype.startswith("list<") else None
+            if is_null:
+                values.append(None)
+            elif item is None:
+                values.append(span.decode() if ftype == "str" else span)
+            elif item == "int":
+                values.append(list(struct.unpack(f"<{len(span) // int_size}{int_code}", span)))
+            elif item in ("float", "float32"):
+                code, size = _SCALAR[item]
+                values.append(list(struct.unpack(f"<{len(span) // size}{code}", span)))
+            elif item == "bool":
+                values.append([b == 1 for b in span])
+            else:
+                values.append(msgpack.unpackb(span))
+        else:
+            values.append(None if is_null else slot)
+    return version, values
+
+
 def fmt_decode(value: bytes, definition: dict[str, Any]) -> Any:
     header, payload = value[0], value[1:]
-    if header not in (0x10, 0x11, 0x12, 0x13):
+    if header not in (0x10, 0x11, 0x12, 0x13, 0x20, 0x21):
         raise ValueError(f"bad header {header:#x}")
     if header & 1:
         payload = bytes(cramjam.snappy.decompress_raw(payload))
     if header & 2:
         return payload  # opaque
-    items = msgpack.unpackb(payload, raw=False)
-    version, values = items[0], items[1:]
     schemas = {s["version"]: s for s in definition["schemas"]}
     latest = definition["schemas"][-1]
-    fields = schemas[version]["fields"]
-    record: dict[str, Any] = {}
-    for field, stored in zip(fields, values, strict=True):
-        value = stored
-        if field.get("dictionary") and isinstance(stored, int):
-            value = definition["dictionary"]["fields"][field["name"]][stored]
-        record[field["name"]] = value
+    if header & 0x20:
+        version, values = fmt_fixed(payload, definition)
+        fields = schemas[version]["fields"]
+        record = {f["name"]: v for f, v in zip(fields, values, strict=True)}
+    else:  # revision 1: a msgpack array
+        items = msgpack.unpackb(payload, raw=False)
+        version, stored_values = items[0], items[1:]
+        fields = schemas[version]["fields"]
+        record = {}
+        for field, stored in zip(fields, stored_values, strict=True):
+            value = stored
+            if field.get("dictionary") and isinstance(stored, int):
+                value = definition["dictionary"]["fields"][field["name"]][stored]
+            record[field["name"]] = value
     for field in latest["fields"][len(fields) :]:
         record[field["name"]] = field.get("default")
     return record
