@@ -506,7 +506,6 @@ class _Generator:
             "StructError": struct.error,
             "pack": struct.pack,
             "packb": msgpack.Packer(use_bin_type=True, autoreset=True).pack,
-            "LIF": tuple(f"<%d{c}" for c in INT_CHARS),
             "H2Z": bytes([HEADER_FIXED_SNAPPY]),
             "SPILL": SPILL,
             "read_ints": read_ints,
@@ -567,7 +566,6 @@ class _Generator:
         its header byte (see :mod:`replicad.layout`)."""
         layout = self.layouts[self.latest.version]
         fields = self.fields
-        self.ns["PACK"] = tuple(st.pack for st in layout.structs)
         out: list[str] = []
 
         def var(i: int) -> str:
@@ -587,73 +585,82 @@ class _Generator:
             out.append("sp = []")
         for i in layout.dictionary:
             out += [f"if c{i}.__class__ is not int:", f"    c{i} = spill(c{i}, sp)"]
-        # the int width: the smallest holding every int of the record
-        scalars = [f"(v{i} or 0)" if fields[i].nullable else f"v{i}" for i in layout.ints]
-        if not scalars and not layout.int_lists:
-            out.append("w = 0")
-        else:
-            if not scalars:
-                out.append("lo = hi = 0")
-            elif len(scalars) == 1:
-                out.append(f"lo = hi = {scalars[0]}")
-            else:
-                out += [f"lo = min({', '.join(scalars)})", f"hi = max({', '.join(scalars)})"]
-            for i in layout.int_lists:
-                out += [
-                    f"if v{i}:",
-                    f"    lo = min(lo, min(v{i}))",
-                    f"    hi = max(hi, max(v{i}))",
-                ]
-            out.append(
-                "w = 0 if -128 <= lo and hi <= 127 else 1 if -32768 <= lo and hi <= 32767 "
-                "else 2 if -2147483648 <= lo and hi <= 2147483647 else 3"
-            )
-        # the variable fields' bytes and end offsets
-        previous: int | None = None
+        # the bytes of the variable fields that hold no ints
+        int_lists = set(layout.int_lists)
         for i in layout.variable:
-            field = fields[i]
-            v = f"v{i}"
-            if field.is_list:
-                if field.type is FieldType.INT:
-                    expr = f"pack(LIF[w] % len({v}), *{v})"
-                elif field.type is FieldType.FLOAT:
-                    expr = f"pack('<%dd' % len({v}), *{v})"
-                elif field.type is FieldType.FLOAT32:
-                    expr = f"pack('<%df' % len({v}), *{v})"
-                elif field.type is FieldType.BOOL:
-                    expr = f"bytes({v})"
+            if i not in int_lists:
+                out.append(f"b{i} = {self._var_expression(i, 2)}")
+        # the int width: 4 bytes (code 2) unless some int needs 8 (code 3);
+        # struct raises struct.error for an int that does not fit
+        attempts = [2, 3] if layout.ints or layout.int_lists else [2]
+        blocks: list[list[str]] = []
+        for w in attempts:
+            self.ns[f"PACK{w}"] = layout.structs[w].pack
+            block = [f"b{i} = {self._var_expression(i, w)}" for i in layout.int_lists]
+            previous: int | None = None
+            for i in layout.variable:
+                start = "" if previous is None else f"e{previous} + "
+                block.append(f"e{i} = {start}len(b{i})")
+                previous = i
+            slots: list[str] = []
+            for i, field in enumerate(fields):
+                if field.dictionary:
+                    slots.append(f"c{i}")
+                elif i in layout.variable:
+                    slots.append(f"e{i}")
+                elif field.nullable:
+                    slots.append(f"0 if v{i} is None else v{i}")
                 else:
-                    expr = f"packb({v})"
-            elif field.type is FieldType.STR:
-                expr = f"{v}.encode()"
+                    slots.append(f"v{i}")
+            args = ", ".join([str(HEADER_FIXED), str(self.latest.version), str(w), *nulls, *slots])
+            head = f"PACK{w}({args})"
+            if layout.variable:
+                parts = ", ".join([head, *(f"b{i}" for i in layout.variable)])
+                block.append(f"value = b''.join(({parts}))")
             else:
-                expr = v
-            if field.nullable:
-                expr = f"b'' if {v} is None else {expr}"
-            out.append(f"b{i} = {expr}")
-            out.append(
-                f"e{i} = len(b{i})" if previous is None else f"e{i} = e{previous} + len(b{i})"
-            )
-            previous = i
-        slots: list[str] = []
-        for i, field in enumerate(fields):
-            if field.dictionary:
-                slots.append(f"c{i}")
-            elif i in layout.variable:
-                slots.append(f"e{i}")
-            elif field.nullable:
-                slots.append(f"0 if v{i} is None else v{i}")
-            else:
-                slots.append(f"v{i}")
-        head = f"PACK[w]({HEADER_FIXED}, {self.latest.version}, w, {', '.join(nulls + slots)})"
-        if layout.variable:
-            parts = ", ".join([head, *(f"b{i}" for i in layout.variable)])
-            out.append(f"value = b''.join(({parts}))")
+                block.append(f"value = {head}")
+            blocks.append(block)
+        if len(blocks) == 1:
+            out += blocks[0]
         else:
-            out.append(f"value = {head}")
+            out.append("try:")
+            out += ["    " + line for line in blocks[0]]
+            out.append("except StructError:")
+            out += ["    " + line for line in blocks[1]]
         if layout.dictionary:
             out += ["if sp:", "    value += packb(sp)"]
         return out
+
+    def _var_expression(self, i: int, width: int) -> str:
+        """The expression of variable field ``i``'s bytes (ints of ``width``)."""
+        field = self.fields[i]
+        v = f"v{i}"
+        if field.is_list:
+            code = {
+                FieldType.INT: INT_CHARS[width],
+                FieldType.FLOAT: "d",
+                FieldType.FLOAT32: "f",
+            }.get(field.type)
+            if code is not None:
+                # a precompiled struct per length for short lists
+                table = f"PL_{code}"
+                if table not in self.ns:
+                    self.ns[table] = tuple(struct.Struct(f"<{n}{code}").pack for n in range(64))
+                expr = (
+                    f"{table}[len({v})](*{v}) if len({v}) < 64 "
+                    f"else pack('<%d{code}' % len({v}), *{v})"
+                )
+            elif field.type is FieldType.BOOL:
+                expr = f"bytes({v})"
+            else:
+                expr = f"packb({v})"
+        elif field.type is FieldType.STR:
+            expr = f"{v}.encode()"
+        else:
+            expr = v
+        if field.nullable:
+            return f"b'' if {v} is None else ({expr})"
+        return expr
 
     def encode_source(self) -> str:
         latest = self.latest
@@ -916,12 +923,34 @@ class _Generator:
             if i in variable:
                 lo = "B" if previous is None else f"B + a{previous}"
                 hi = f"B + a{i}"
-                previous = i
+                previous_var, previous = previous, i
+                if field.type in (FieldType.INT, FieldType.FLOAT, FieldType.FLOAT32):
+                    # a precompiled struct per length for short lists; the
+                    # helper checks and reads the rest
+                    if field.type is FieldType.INT:
+                        shift, table, helper = "w", "UL_INT[w]", f"read_ints(data, {lo}, {hi}, w)"
+                    else:
+                        code = "d" if field.type is FieldType.FLOAT else "f"
+                        shift = "3" if code == "d" else "2"
+                        table = f"UL_{code}"
+                        helper = f"read_floats(data, {lo}, {hi}, {code!r})"
+                    span = f"a{i}" if previous_var is None else f"a{i} - a{previous_var}"
+                    out += [
+                        f"q = {span}",
+                        f"k = q >> {shift}",
+                        f"if k << {shift} == q and k < 64:",
+                        f"    x{i} = list({table}[k](data, {lo}))",
+                        "else:",
+                        f"    x{i} = {helper}",
+                    ]
+                    if is_null:
+                        out[-6:] = [f"if {is_null}:", f"    x{i} = None", "else:"] + [
+                            "    " + line for line in out[-6:]
+                        ]
+                    exprs.append(f"x{i}")
+                    continue
                 if field.is_list:
                     expr = {
-                        FieldType.INT: f"read_ints(data, {lo}, {hi}, w)",
-                        FieldType.FLOAT: f"read_floats(data, {lo}, {hi}, 'd')",
-                        FieldType.FLOAT32: f"read_floats(data, {lo}, {hi}, 'f')",
                         FieldType.BOOL: f"read_bools(data, {lo}, {hi})",
                         FieldType.STR: f"read_packed(data, {lo}, {hi}, str)",
                         FieldType.BYTES: f"read_packed(data, {lo}, {hi}, bytes)",
@@ -937,8 +966,13 @@ class _Generator:
             field = self.fields[i]
             exprs.append(f"list(D{i})" if field.is_list and field.default is not None else f"D{i}")
         if as_dict:
-            items = ", ".join(f"{f.name!r}: {e}" for f, e in zip(self.fields, exprs, strict=True))
-            out.append(f"return {{{items}}}")
+            # a copy of a template dict (keys in order, later fields' defaults
+            # in place) filled by assignment beats a dict display of new keys
+            out.append(f"d = COPY{schema.version}()")
+            for i, (field, expr) in enumerate(zip(self.fields, exprs, strict=True)):
+                if i < len(fields) or expr.startswith("list("):
+                    out.append(f"d[{field.name!r}] = {expr}")
+            out.append("return d")
         else:
             out.append(f"return [{', '.join(exprs)}]")
         return out
@@ -1018,6 +1052,11 @@ class _Generator:
             CorruptRecordError=CorruptRecordError,
             LAYOUT_ERRORS=(*_DECODE_ERRORS, struct.error),
             UNPACK=tuple(st.unpack_from for st in layouts[latest].structs),
+            UL_INT=tuple(
+                tuple(struct.Struct(f"<{n}{c}").unpack_from for n in range(64)) for c in INT_CHARS
+            ),
+            UL_d=tuple(struct.Struct(f"<{n}d").unpack_from for n in range(64)),
+            UL_f=tuple(struct.Struct(f"<{n}f").unpack_from for n in range(64)),
         )
         src: list[str] = []
         for version, layout in layouts.items():
@@ -1032,7 +1071,8 @@ class _Generator:
                     "        bad_layout(exc)",
                     "",
                 ]
-        for name, kind, as_dict in (("decode", "d", True), ("decode_values", "l", False)):
+        # the entry points: the latest version's body inlined behind one check
+        for name, as_dict in (("decode", True), ("decode_values", False)):
             src += [
                 f"def {name}(data):",
                 "    try:",
@@ -1041,7 +1081,12 @@ class _Generator:
                 f"        return other(data, {as_dict})",
                 f"    if t[0] != {HEADER_FIXED} or t[1] != {latest}:",
                 f"        return other(data, {as_dict})",
-                f"    return fx{kind}_v{latest}(data, t)",
+                "    try:",
+                *("        " + line for line in self._fixed_lines(layouts[latest].schema, as_dict)),
+                "    except CorruptRecordError:",
+                "        raise",
+                "    except LAYOUT_ERRORS as exc:",
+                "        bad_layout(exc)",
                 "",
             ]
         return "\n".join(src)

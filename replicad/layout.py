@@ -13,8 +13,11 @@ version and one width byte, so a reader fetches one field with one
 
 All integers are little-endian. ``version`` is the record's schema version.
 ``width`` is 0, 1, 2 or 3: every ``int`` in the record (scalar fields and the
-elements of ``list<int>`` fields) is stored in 1, 2, 4 or 8 bytes, the
-smallest width that holds all of them (signed). ``nulls`` is a bitmap over
+elements of ``list<int>`` fields) is stored signed in 1, 2, 4 or 8 bytes.
+Readers take all four; the encoder writes 2 (4 bytes) unless some int of
+the record needs 8 bytes (3). (Trying 4 bytes and falling back when
+``struct`` refuses costs nothing on the common path; finding the smallest
+width would cost a min and a max over every int of every record.) ``nulls`` is a bitmap over
 the *nullable* fields only, in field order (bit ``j % 8`` of byte ``j // 8``
 is set when the ``j``-th nullable field is null); ``NB`` is the number of
 nullable fields divided by 8, rounded up (0 when there are none).
@@ -43,7 +46,7 @@ packed IEEE values; ``list<bool>`` one byte each; ``list<str>`` and
 dictionary field was full when the record was written: then it is one
 msgpack array of those fields' strings, in field order.
 
-Canonical: the width is the smallest that fits, null slots are zero, the
+Canonical: the width is 2 unless an int needs 3, null slots are zero, the
 spill tail is present exactly when a code is 0xFFFFFFFF. Compression
 (raw Snappy of the payload) is used only for payloads of at least
 :data:`FIXED_COMPRESS_MIN_BYTES` that it shrinks by 10 % or more: a
@@ -79,18 +82,9 @@ record costs a Snappy call on every read, including one-field reads."""
 INT_CHARS = "bhiq"
 """struct codes of the four int widths (1, 2, 4, 8 bytes), by width code."""
 
-_INT_LIMITS = tuple((-(1 << (8 * n - 1)), (1 << (8 * n - 1)) - 1) for n in (1, 2, 4))
 _SCALAR_CHARS = {FieldType.FLOAT: "d", FieldType.FLOAT32: "f", FieldType.BOOL: "?"}
 _PREFIX = struct.Struct("<BHB")
 _U32 = struct.Struct("<I")
-
-
-def width_for(lo: int, hi: int) -> int:
-    """The width code (0-3) of the smallest signed int holding ``lo..hi``."""
-    for code, (low, high) in enumerate(_INT_LIMITS):
-        if low <= lo and hi <= high:
-            return code
-    return 3
 
 
 def is_variable(field: Field) -> bool:

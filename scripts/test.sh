@@ -11,12 +11,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # mdb_dump (Debian's lmdb-utils) lets a test read the mirror with a non-Python
-# tool; installed when this runs as root with apt-get, else that test is skipped
-if ! command -v mdb_dump >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-    && [ "$(id -u)" = 0 ]; then
-  (apt-get install -y -q lmdb-utils >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q lmdb-utils >/dev/null 2>&1; }) \
-    || echo "note: could not install lmdb-utils; the mdb_dump test will be skipped"
+# tool, and redis-cli (redis-tools) talk to the sidecar's socket as users do;
+# installed when this runs as root with apt-get, else those tests are skipped
+need=""
+command -v mdb_dump >/dev/null 2>&1 || need="$need lmdb-utils"
+command -v redis-cli >/dev/null 2>&1 || need="$need redis-tools"
+if [ -n "$need" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # shellcheck disable=SC2086
+  (apt-get install -y -q $need >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $need >/dev/null 2>&1; }) \
+    || echo "note: could not install$need; the tests that need them will be skipped"
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

@@ -245,8 +245,8 @@ def test_compressed_payload_is_standard_raw_snappy() -> None:
     encoded = codec.encode({"text": "feature " * 40})
     assert encoded[0] == HEADER_FIXED_SNAPPY
     payload = bytes(cramjam.snappy.decompress_raw(encoded[1:]))
-    # version 1, int width code 0, the str's end offset, the var area
-    assert payload == struct.pack("<HBI", 1, 0, 320) + b"feature " * 40
+    # version 1, int width code 2, the str's end offset, the var area
+    assert payload == struct.pack("<HBI", 1, 2, 320) + b"feature " * 40
 
 
 def test_short_payloads_are_never_compressed() -> None:
@@ -270,7 +270,7 @@ def test_float32_is_stored_in_four_bytes_and_rounded() -> None:
     schema = Schema(1, (Field("x", F32),))
     codec = DatasetCodec([schema])
     encoded = codec.encode({"x": 0.1})
-    assert encoded == bytes([HEADER_FIXED]) + struct.pack("<HBf", 1, 0, 0.1)
+    assert encoded == bytes([HEADER_FIXED]) + struct.pack("<HBf", 1, 2, 0.1)
     assert len(encoded) == 1 + 2 + 1 + 4
     assert codec.decode(encoded)["x"] == f32(0.1) != 0.1
 
@@ -290,10 +290,10 @@ def test_mixed_float_precisions_in_any_order() -> None:
             assert value == [want, 2.5]
         elif field.type is not INT:
             assert value == want
-    # float32 values take 4 bytes, float64 8, the int (7) 1 byte: the exact size.
+    # float32 values take 4 bytes, float64 8, the int 4: the exact size.
     scalar32 = sum(1 for f in fields if f.type is F32 and not f.is_list)
     scalar64 = sum(1 for f in fields if f.type is F and not f.is_list)
-    prefix, slots = 2 + 1, scalar32 * 4 + scalar64 * 8 + 1 + 4 + 4
+    prefix, slots = 2 + 1, scalar32 * 4 + scalar64 * 8 + 4 + 4 + 4
     size = prefix + slots + 2 * 4 + 2 * 8
     assert len(encoded) == 1 + size
 
@@ -638,18 +638,26 @@ def test_fixed_layout_structural_corruption() -> None:
     )
     codec = DatasetCodec([schema])
     good = codec.encode({"city": "beijing", "n": 1, "name": "ab", "tags": [3]})
-    assert good == _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"ab\x03"
+    tail = b"ab" + struct.pack("<i", 3)
+    assert good == _fixed(1, 2, "IiII", 0, 1, 2, 6) + tail
+    # readers take every width; this writer uses 4 bytes unless 8 are needed
+    assert codec.decode(_fixed(1, 0, "IbII", 0, 1, 2, 3) + b"ab\x03") == codec.decode(good)
+    big = codec.encode({"city": "beijing", "n": 1 << 40, "name": "", "tags": [3]})
+    assert big == _fixed(1, 3, "IqII", 0, 1 << 40, 0, 8) + struct.pack("<q", 3)
+    in_list = codec.encode({"city": "beijing", "n": 1, "name": "", "tags": [-(1 << 63)]})
+    assert in_list[3] == 3 and codec.decode(in_list)["tags"] == [-(1 << 63)]
     cases = {
-        _fixed(1, 4, "IbII", 0, 1, 2, 3) + b"ab\x03": "unknown int width code 4",
-        _fixed(7, 0, "IbII", 0, 1, 2, 3) + b"ab\x03": "unknown schema version 7",
+        _fixed(1, 4, "IiII", 0, 1, 2, 6) + tail: "unknown int width code 4",
+        _fixed(7, 2, "IiII", 0, 1, 2, 6) + tail: "unknown schema version 7",
         bytes([HEADER_FIXED, 1, 0]): "no room for its prefix",
-        _fixed(1, 0, "Ib", 0, 1): "shorter than its fixed part",
-        _fixed(1, 0, "IbII", 5, 1, 2, 3) + b"ab\x03": "dictionary code 5 of field 'city'",
-        _fixed(1, 0, "IbII", 0, 1, 2, 9) + b"ab\x03": "shorter than its offsets",
-        _fixed(1, 0, "IbII", 0, 1, 3, 2) + b"ab\x03": "offsets decrease",
-        _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"ab\x03\x00": "spill",
-        _fixed(1, 0, "IbII", 0xFFFFFFFF, 1, 2, 3) + b"ab\x03": "spill",
-        _fixed(1, 0, "IbII", 0, 1, 2, 3) + b"\xff\xfe\x03": "utf-8",
+        _fixed(1, 2, "Ii", 0, 1): "shorter than its fixed part",
+        _fixed(1, 2, "IiII", 5, 1, 2, 6) + tail: "dictionary code 5 of field 'city'",
+        _fixed(1, 2, "IiII", 0, 1, 2, 9) + tail: "shorter than its offsets",
+        _fixed(1, 2, "IiII", 0, 1, 3, 2) + tail: "offsets decrease",
+        _fixed(1, 2, "IiII", 0, 1, 2, 6) + tail + b"\x00": "spill",
+        _fixed(1, 2, "IiII", 0xFFFFFFFF, 1, 2, 6) + tail: "spill",
+        _fixed(1, 2, "IiII", 0, 1, 2, 6) + b"\xff\xfe" + tail[2:]: "utf-8",
+        _fixed(1, 2, "IiII", 0, 1, 2, 5) + tail[:5]: "not a multiple of 4",
         _fixed(1, 1, "IhII", 0, 1, 2, 3) + b"ab\x03": "not a multiple of 2",
     }
     for blob, match in cases.items():
@@ -706,10 +714,10 @@ def test_dictionary_overflow_falls_back_to_inline_strings() -> None:
     assert codec.decode(c) == {"city": "c-overflow", "n": 1}
     assert codec.encode(codec.decode(c)) == c
     assert codec.encode({"city": "a", "n": 1}) == a
-    # header, version 1, width code 0, city code 0, n = 1
-    assert a == bytes([HEADER_FIXED]) + struct.pack("<HBIb", 1, 0, 0, 1)
+    # header, version 1, width code 2, city code 0, n = 1
+    assert a == bytes([HEADER_FIXED]) + struct.pack("<HBIi", 1, 2, 0, 1)
     # the full dictionary's string: code 0xFFFFFFFF and a msgpack spill tail
-    assert c == bytes([HEADER_FIXED]) + struct.pack("<HBIb", 1, 0, 0xFFFFFFFF, 1) + msgpack.packb(
+    assert c == bytes([HEADER_FIXED]) + struct.pack("<HBIi", 1, 2, 0xFFFFFFFF, 1) + msgpack.packb(
         ["c-overflow"]
     )
     assert codec.field_getter("city")(c) == "c-overflow"
