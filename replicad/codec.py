@@ -42,8 +42,9 @@ Every field is always written (no trailing-default trimming); an ``int`` given
 for a ``float``/``float32`` field is converted first (``1`` and ``1.0`` encode
 the same); ``bool`` is never accepted for ``int`` (nor ``int`` for ``bool``).
 Floats keep their IEEE bits (``-0.0`` and NaN payloads are preserved), so
-``decode(encode(r))`` re-encodes to the same bytes. The int width is the
-smallest that holds every int of the record, and null slots are zero.
+``decode(encode(r))`` re-encodes to the same bytes. Ints take four bytes
+unless one of the record needs eight, a null scalar's slot is zero and a null
+variable field has an empty span.
 
 Compression is per record, only where it pays: the payload is compressed
 when it is at least :data:`~replicad.layout.FIXED_COMPRESS_MIN_BYTES` (256)
@@ -57,14 +58,16 @@ are compressed. (Revision 1 used 128 bytes; its msgpack payloads were
 denser.)
 
 Size limit: ``max_value_bytes`` bounds the *uncompressed* payload (an opaque
-value's own length, a typed record's msgpack array), checked on encode
+value's own length, a typed record's bytes after the header), checked on encode
 (:class:`~replicad.errors.ValueTooLargeError`) and on decode before any Snappy
 decompression allocates (a claimed length above it is
 :class:`~replicad.errors.CorruptRecordError`). A reader's limit must be at least
 the writer's.
 
-Decoding checks the structure (header, Snappy, msgpack, schema version,
-number of values, dictionary codes) and raises only
+Decoding checks the structure (header, Snappy, schema version, int width,
+length against the fixed part and the end offsets, offsets in order, the
+spill tail, dictionary codes, UTF-8; for revision 1 the msgpack array and
+its number of values) and raises only
 :class:`~replicad.errors.CorruptRecordError` for bytes that fail it; it does
 not re-check each value's type, which the origin checked on encode and which
 frames protect in transit with a checksum. Records of an older schema version
@@ -215,10 +218,12 @@ class Dictionary:
     """
 
     def __init__(self, max_entries_per_field: int = DEFAULT_DICTIONARY_ENTRIES) -> None:
-        """Raises :class:`CodecError` if the bound is not a positive int."""
-        if type(max_entries_per_field) is not int or max_entries_per_field < 1:
+        """Raises :class:`CodecError` if the bound is not an int in
+        1..2**32-1 (codes are stored in four bytes, 0xFFFFFFFF reserved)."""
+        if type(max_entries_per_field) is not int or not 1 <= max_entries_per_field < SPILL:
             raise CodecError(
-                f"max_entries_per_field must be a positive int, got {max_entries_per_field!r}"
+                f"max_entries_per_field must be an int in 1..{SPILL - 1}, "
+                f"got {max_entries_per_field!r}"
             )
         self._max = max_entries_per_field
         self._strings: dict[str, list[str]] = {}
@@ -419,9 +424,10 @@ _FLOAT32_LIMIT = repr(FLOAT32_MAX)
 def _needs_fix(ftype: FieldType, var: str) -> str:
     """A Python condition, true when ``var`` must take the slow path.
 
-    Int overflow below INT64_MIN is left to msgpack (it raises OverflowError,
-    which the encoder turns into FieldTypeError); above INT64_MAX must be
-    checked here because msgpack would store it as uint64.
+    Int overflow below INT64_MIN is left to ``struct`` (it raises
+    struct.error, which the encoder turns into FieldTypeError through
+    ``pack_failed``); above INT64_MAX is checked here as well, so the fast
+    path holds only ints that fit.
     """
     if ftype is FieldType.INT:
         return f"{var}.__class__ is not int or {var} > {INT64_MAX}"
@@ -1170,13 +1176,14 @@ class DatasetCodec:
 
     field_getters: Mapping[str, Callable[[Any], Any]]
     """Field name -> a function reading that one field of a record's value
-    bytes (latest schema) without decoding the rest: one ``struct`` call for
-    a scalar or dictionary field of an uncompressed fixed-layout record of
-    the latest schema version (a slice more for ``str`` and ``bytes``), a
-    full :attr:`decode_values` otherwise (lists, compressed records, older
-    versions and revisions). It returns what ``decode(data)[name]`` would;
-    for a malformed record it raises what decoding raises, or returns the
-    field when the bytes it reads are sound (it checks only those). Empty
+    bytes (latest schema) without decoding the rest, for every field but
+    lists: one ``struct`` call for a scalar or dictionary field of an
+    uncompressed fixed-layout record of the latest schema version (a slice
+    more for ``str`` and ``bytes``), a full :attr:`decode_values` otherwise
+    (compressed records, older versions and revisions). It returns what
+    ``decode(data)[name]`` would; for a malformed record it raises what
+    decoding raises, or returns the field when the bytes it reads are sound
+    (it checks only those). Empty
     for an opaque dataset; read-only.
     """
 
@@ -1208,6 +1215,7 @@ class DatasetCodec:
             self._names: tuple[str, ...] = ()
             self._index: dict[str, int] = {}
             self.field_getters: Mapping[str, Callable[[Any], Any]] = {}
+            self._slow_getters: dict[str, Callable[[Any], Any]] = {}
             self.encode = self._opaque_encode
             self.decode = self._opaque_decode
             self.decode_values = self._opaque_decode
@@ -1245,6 +1253,7 @@ class DatasetCodec:
         def slow(index: int) -> Callable[[Any], Any]:
             return lambda data: decode_values(data)[index]
 
+        self._slow_getters = {field.name: slow(i) for i, field in enumerate(layout.fields)}
         self.field_getters = {
             field.name: field_getter(
                 layout,
@@ -1253,6 +1262,7 @@ class DatasetCodec:
                 slow(i),
             )
             for i, field in enumerate(layout.fields)
+            if not field.is_list
         }
 
     # --- properties
@@ -1299,14 +1309,15 @@ class DatasetCodec:
         return self._index
 
     def field_getter(self, name: str) -> Callable[[Any], Any]:
-        """The reader of one field (see :attr:`field_getters`).
+        """The reader of one field: the one of :attr:`field_getters`, or for
+        a list field a function decoding the record and returning that field.
 
         Raises :class:`UnknownFieldError` if the latest schema has no such field.
         """
-        try:
-            return self.field_getters[name]
-        except KeyError:
-            raise UnknownFieldError(f"unknown field {name!r}") from None
+        get = self.field_getters.get(name) or self._slow_getters.get(name)
+        if get is None:
+            raise UnknownFieldError(f"unknown field {name!r}")
+        return get
 
     def field_index(self, name: str) -> int:
         """The position of field ``name`` in :meth:`decode_values`'s list.

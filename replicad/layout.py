@@ -36,7 +36,8 @@ field                              slot
 ``str``, ``bytes``, ``list<T>``    u32 end offset of its bytes in the var area
 =================================  ==========================================
 
-A null field's slot is zero (a null variable field has an empty span). The
+A null scalar or dictionary field's slot is zero; a null variable field has
+an empty span (its slot repeats the previous variable field's end). The
 var area holds the variable fields' bytes one after the other in field
 order: a field's bytes run from the previous variable field's end offset (0
 for the first) to its own. ``str`` is UTF-8; ``bytes`` as is; ``list<int>``
@@ -46,8 +47,10 @@ packed IEEE values; ``list<bool>`` one byte each; ``list<str>`` and
 dictionary field was full when the record was written: then it is one
 msgpack array of those fields' strings, in field order.
 
-Canonical: the width is 2 unless an int needs 3, null slots are zero, the
-spill tail is present exactly when a code is 0xFFFFFFFF. Compression
+Canonical: the width is 2 unless an int needs 3, null scalar slots are
+zero, the spill tail is present exactly when a code is 0xFFFFFFFF. (Readers
+accept some non-canonical bytes too -- another width, unused null bits --
+and decode them; the encoder never writes them.) Compression
 (raw Snappy of the payload) is used only for payloads of at least
 :data:`FIXED_COMPRESS_MIN_BYTES` that it shrinks by 10 % or more: a
 compressed record gives up the one-call field read.

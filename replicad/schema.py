@@ -67,6 +67,9 @@ INT64_MAX = (1 << 63) - 1
 FLOAT32_MAX: float = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]
 """The largest finite IEEE single-precision value (about 3.4028e38)."""
 
+MAX_SCHEMA_VERSION = 65_535
+"""The last schema version: records store their version in two bytes."""
+
 MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}", re.ASCII)
 _F32 = struct.Struct("<f")
@@ -319,16 +322,19 @@ class Schema:
     """A version of a dataset's schema: ``version`` (1, 2, ...) and its fields.
 
     Construction raises :class:`SchemaError` for a version that is not an int
-    >= 1, no fields, a non-:class:`Field` entry or duplicate names. ``fields``
-    may be given as any sequence; it is stored as a tuple.
+    in 1..65535 (records store it in two bytes), no fields, a
+    non-:class:`Field` entry or duplicate names. ``fields`` may be given as
+    any sequence; it is stored as a tuple.
     """
 
     version: int
     fields: tuple[Field, ...]
 
     def __post_init__(self) -> None:
-        if type(self.version) is not int or self.version < 1:
-            raise SchemaError(f"schema version must be an int >= 1, got {self.version!r}")
+        if type(self.version) is not int or not 1 <= self.version <= MAX_SCHEMA_VERSION:
+            raise SchemaError(
+                f"schema version must be an int in 1..{MAX_SCHEMA_VERSION}, got {self.version!r}"
+            )
         if isinstance(self.fields, (str, bytes)) or not isinstance(self.fields, Sequence):
             raise SchemaError("schema fields must be a sequence of Field")
         fields = tuple(self.fields)

@@ -111,6 +111,7 @@ class Record(Sequence[Any]):
         if values is None:
             if item.__class__ is str:
                 # one field of an undecoded record: read just that field
+                # (lists have no one-read path: decode and keep the values)
                 get = self._codec.field_getters.get(item)
                 if get is not None:
                     return get(self._raw)

@@ -626,6 +626,30 @@ def _fixed(version: int, width: int, fmt: str, *slots: Any) -> bytes:
     return bytes([HEADER_FIXED]) + struct.pack("<HB" + fmt, version, width, *slots)
 
 
+def test_fixed_layout_nulls_and_lists() -> None:
+    schema = Schema(
+        1,
+        (
+            Field("a", S),
+            Field("b", S, nullable=True),
+            Field("c", S),
+            Field("x", F, nullable=True),
+            Field("tags", INT, is_list=True, nullable=True),
+        ),
+    )
+    codec = DatasetCodec([schema])
+    value = codec.encode({"a": "hello", "b": None, "c": "xy", "x": None, "tags": None})
+    # bits 0, 1, 2 of the null byte: b, x, tags; b's and tags' spans are empty
+    # (their slots repeat the end before), x's slot is zero
+    assert value == _fixed(1, 2, "BIIIdI", 0b111, 5, 5, 7, 0.0, 7) + b"helloxy"
+    assert codec.decode(value) == {"a": "hello", "b": None, "c": "xy", "x": None, "tags": None}
+    # lists have no one-read path: field_getter decodes, field_getters omits them
+    assert "tags" not in codec.field_getters and set(codec.field_getters) == {"a", "b", "c", "x"}
+    full = codec.encode({"a": "", "b": "q", "c": "", "x": 1.5, "tags": [1, -2]})
+    assert codec.field_getter("tags")(full) == [1, -2]
+    assert [codec.field_getters[n](full) for n in "abcx"] == ["", "q", "", 1.5]
+
+
 def test_fixed_layout_structural_corruption() -> None:
     schema = Schema(
         1,
@@ -806,6 +830,8 @@ def test_dictionary_json_round_trip_and_errors() -> None:
             Dictionary.from_json(bad)
     with pytest.raises(CodecError):
         Dictionary(0)
+    with pytest.raises(CodecError, match=r"1\.\.4294967294"):
+        Dictionary(0xFFFFFFFF)  # a code must never be the spill marker
     with pytest.raises(FieldTypeError):
         Dictionary().add("f", "\ud800")
 
@@ -899,6 +925,7 @@ def test_field_defaults_are_normalized() -> None:
         (lambda: Field("a", F32, default=1e39), "bad default"),
         (lambda: Field("a", INT, is_list=True, default=[1, None]), "bad default"),
         (lambda: Schema(0, (Field("a", INT),)), "version"),
+        (lambda: Schema(65_536, (Field("a", INT),)), r"1\.\.65535"),
         (lambda: Schema(True, (Field("a", INT),)), "version"),
         (lambda: Schema(1, ()), "at least one field"),
         (lambda: Schema(1, untyped("ab")), "sequence"),

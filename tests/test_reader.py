@@ -71,7 +71,14 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
         assert rec is not None
         expected = seed_like_record(7)
         codec = DatasetCodec([seed_like_schema()])
-        assert rec.to_dict() == codec.decode(codec.encode(expected))  # float32 rounding
+        want = codec.decode(codec.encode(expected))  # float32 rounding
+        # one-field reads of an undecoded record (the fixed layout), every field
+        fresh = reader.get("up", b"u007")
+        assert fresh is not None
+        assert {name: fresh[name] for name in want} == want
+        tags = fresh["tags"]  # a list: decoded once, kept
+        assert fresh["tags"] is tags and tags == want["tags"]
+        assert rec.to_dict() == want
         assert rec["age"] == expected["age"] and rec["city"] == expected["city"]
         assert rec[0] == rec.values[0]
         assert rec.get("no_such_field", 42) == 42
