@@ -43,6 +43,7 @@ from replicad.messages import (
 from replicad.metrics import Registry
 from replicad.progress import Progress
 from replicad.replica import Apply, ReplicaSync, Send, SyncConfig, Target, Wait
+from sidecar.apply_thread import ApplyThread
 from sidecar.mirror import DatasetHandle, Mirror
 
 log = logging.getLogger("sidecar.agent")
@@ -82,6 +83,10 @@ class AgentSettings:
     push: bool = True
     """Ask the hint stream for pushed diffs (small versions arrive with their
     records: applied without a request)."""
+    apply_nice: int = 10
+    """How much lower than the rest of the process the thread applying
+    batches runs (its nice value is raised by this; 0: the same priority),
+    so readers on the host get a core first (:mod:`sidecar.apply_thread`)."""
 
 
 class BootstrapProgress:
@@ -128,8 +133,11 @@ class DatasetSync:
         settings: AgentSettings,
         rng: random.Random,
         metrics: AgentMetrics,
+        *,
+        apply_thread: ApplyThread | None = None,
     ) -> None:
         self.handle = handle
+        self.apply_thread = apply_thread
         self.name = handle.name
         self.transport = transport
         self.settings = settings
@@ -178,7 +186,10 @@ class DatasetSync:
     async def _apply(self, batch: Apply) -> None:
         start = time.perf_counter()
         try:
-            ok = await trio.to_thread.run_sync(self.handle.apply, batch)
+            if self.apply_thread is not None:
+                ok = await self.apply_thread.run(self.handle.apply, batch)
+            else:
+                ok = await trio.to_thread.run_sync(self.handle.apply, batch)
         except StorageError as exc:
             log.error("apply failed", extra={"dataset": self.name, "error": str(exc)})
             self.sync.apply_failed(str(exc), trio.current_time())
@@ -345,19 +356,31 @@ class Agent:
         self.rng = rng or random.Random()
         self.registry = registry or Registry()
         self.metrics = AgentMetrics(self.registry, self)
+        self.apply_thread = ApplyThread(settings.apply_nice)
         self.datasets = {
-            name: DatasetSync(mirror.ensure(name), transport, settings, self.rng, self.metrics)
+            name: DatasetSync(
+                mirror.ensure(name),
+                transport,
+                settings,
+                self.rng,
+                self.metrics,
+                apply_thread=self.apply_thread,
+            )
             for name in settings.datasets
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for ds in self.datasets.values():
-                await nursery.start(ds.run)
-            if self.settings.hints:
-                nursery.start_soon(self._follow_hints)
-            nursery.start_soon(self._ack_loop)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                for ds in self.datasets.values():
+                    await nursery.start(ds.run)
+                if self.settings.hints:
+                    nursery.start_soon(self._follow_hints)
+                nursery.start_soon(self._ack_loop)
+                task_status.started()
+        finally:
+            # every apply's wait is shielded: none is running by now
+            self.apply_thread.close(timeout=5.0)
 
     async def _follow_hints(self) -> None:
         failures = 0

@@ -16,6 +16,7 @@ Example ``sidecar.toml``::
     log_format = "json"
     hints = true                               # false: rely on the safety poll
     push = true                                # small versions arrive with their records
+    apply_nice = 10                            # applies run this much nicer (0: off)
     serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
     relay_read_tokens = ["..."]                # tokens sidecars below must send
     relay_tls_cert = "/etc/sidecar/cert.pem"   # relay: serve the sync API over TLS
@@ -76,6 +77,9 @@ class SidecarConfig:
     push: bool = True
     """Ask the hint stream for pushed diffs (DiffPush): a small version is
     applied with no request (docs/protocol.md)."""
+    apply_nice: int = 10
+    """The thread applying batches runs at this much higher a nice value, so
+    readers on the host get a core first (sidecar/apply_thread.py)."""
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()
@@ -110,6 +114,8 @@ class SidecarConfig:
             raise ConfigError("need 1 <= map_size_mb <= max_map_size_mb")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
+        if not 0 <= self.apply_nice <= 19:
+            raise ConfigError("apply_nice must be between 0 and 19")
         if not 1 <= self.socket_workers <= 256:
             raise ConfigError("socket_workers must be between 1 and 256")
         if self.socket_max_clients < 1:
@@ -237,6 +243,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 "map_size_mb"
                 | "max_map_size_mb"
                 | "max_readers"
+                | "apply_nice"
                 | "file_mode"
                 | "socket_workers"
                 | "socket_max_clients"

@@ -60,6 +60,7 @@ def settings_of(config: SidecarConfig) -> AgentSettings:
         max_staleness=config.max_staleness,
         hints=config.hints,
         push=config.push,
+        apply_nice=config.apply_nice,
     )
 
 

@@ -1,0 +1,89 @@
+"""The sidecar's apply thread: one dedicated thread at a raised nice value."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+import trio
+
+from replicad.errors import ConfigError, StorageError
+from sidecar.apply_thread import ApplyThread
+from sidecar.config import load
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _nice_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_calls_run_in_one_lowered_thread_and_return_or_raise() -> None:
+    worker = ApplyThread(7)
+
+    def fail() -> None:
+        raise StorageError("map full")
+
+    async def main() -> None:
+        seen = [await worker.run(lambda: (threading.get_ident(), _nice_of_this_thread()))]
+        seen.append(await worker.run(lambda: (threading.get_ident(), _nice_of_this_thread())))
+        assert seen[0] == seen[1]  # the same thread every time
+        ident, nice = seen[0]
+        assert ident != threading.get_ident()
+        if LINUX:
+            assert worker.lowered and nice == min(19, _nice_of_this_thread() + 7)
+        assert await worker.run(sum, [1, 2, 3]) == 6
+        with pytest.raises(StorageError, match="map full"):
+            await worker.run(fail)
+        assert await worker.run(lambda: "still serving") == "still serving"
+
+    try:
+        trio.run(main)
+    finally:
+        worker.close(timeout=5)
+    assert _nice_of_this_thread() == os.getpriority(os.PRIO_PROCESS, 0)  # caller untouched
+
+
+def test_a_started_call_finishes_before_the_cancellation_is_seen() -> None:
+    worker = ApplyThread(0)
+    finished: list[float] = []
+
+    def slow_apply() -> str:
+        time.sleep(0.3)
+        finished.append(time.monotonic())
+        return "committed"
+
+    async def main() -> None:
+        with trio.move_on_after(0.05) as scope:
+            # the apply outlives the deadline: its result still comes back
+            assert await worker.run(slow_apply) == "committed"
+            assert finished
+            await trio.sleep(0)  # the next checkpoint sees the cancellation
+            raise AssertionError("not cancelled")
+        assert scope.cancelled_caught
+
+    try:
+        trio.run(main)
+    finally:
+        worker.close(timeout=5)
+    assert not worker.lowered  # nice 0: left alone
+
+
+def test_closed_and_bad_settings() -> None:
+    worker = ApplyThread(3)
+    worker.close()
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="closed"):
+            await worker.run(int)
+
+    trio.run(main)
+    for bad in (-1, 20, 1.5):
+        with pytest.raises(ValueError, match=r"0\.\.19"):
+            ApplyThread(bad)  # type: ignore[arg-type]
+    assert load(None, environ={"SIDECAR_DATASETS": "a", "SIDECAR_APPLY_NICE": "0"}).apply_nice == 0
+    with pytest.raises(ConfigError, match="apply_nice"):
+        load(None, environ={"SIDECAR_DATASETS": "a", "SIDECAR_APPLY_NICE": "20"})
