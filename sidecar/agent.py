@@ -65,6 +65,12 @@ class SyncTransport(Protocol):
     ) -> None: ...
 
 
+LARGE_BATCH = 1_000
+"""Batches of at least this many records are applied in the lowered apply
+thread; smaller ones (pushed versions, most diffs) at full priority, so that
+propagation does not wait behind a busy host."""
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     """Loop settings (the CLI builds them from TOML, environment and flags)."""
@@ -84,9 +90,10 @@ class AgentSettings:
     """Ask the hint stream for pushed diffs (small versions arrive with their
     records: applied without a request)."""
     apply_nice: int = 10
-    """How much lower than the rest of the process the thread applying
-    batches runs (its nice value is raised by this; 0: the same priority),
-    so readers on the host get a core first (:mod:`sidecar.apply_thread`)."""
+    """How much lower than the rest of the process the thread applying large
+    batches (:data:`LARGE_BATCH` records or more: snapshot chunks, big diffs)
+    runs (its nice value is raised by this; 0: the same priority), so
+    readers on the host get a core first (:mod:`sidecar.apply_thread`)."""
 
 
 class BootstrapProgress:
@@ -186,9 +193,10 @@ class DatasetSync:
     async def _apply(self, batch: Apply) -> None:
         start = time.perf_counter()
         try:
-            if self.apply_thread is not None:
+            size = len(batch.upserts) + len(batch.deletes)
+            if self.apply_thread is not None and size >= LARGE_BATCH:
                 ok = await self.apply_thread.run(self.handle.apply, batch)
-            else:
+            else:  # small: at full priority, it is over in a millisecond
                 ok = await trio.to_thread.run_sync(self.handle.apply, batch)
         except StorageError as exc:
             log.error("apply failed", extra={"dataset": self.name, "error": str(exc)})

@@ -1,4 +1,4 @@
-"""One long-lived thread, at a lower CPU priority, that runs the mirror's applies.
+"""One long-lived thread, at a lower CPU priority, that runs the mirror's large applies.
 
 Why: applying a large diff or a snapshot chunk is seconds of CPU. On a small
 host the socket's reader processes and the apps themselves share the cores
@@ -6,7 +6,10 @@ with it, and a read that waits for a core waits for the whole time slice.
 Running every apply in one thread whose nice value is raised (Linux keeps a
 nice value per thread) lets the scheduler hand a core to a waking reader
 first; the apply takes the idle time. The cost is applies that run slower
-only while readers are busy.
+only while readers are busy. The agent sends only large batches here (see
+``sidecar.agent.LARGE_BATCH``): a pushed version of a few records applies
+in a millisecond at full priority, and making it wait behind a busy host
+would only delay propagation.
 
 One thread is enough: LMDB has one writer at a time anyway, so applies of
 different datasets already ran one after another.

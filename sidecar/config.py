@@ -16,7 +16,7 @@ Example ``sidecar.toml``::
     log_format = "json"
     hints = true                               # false: rely on the safety poll
     push = true                                # small versions arrive with their records
-    apply_nice = 10                            # applies run this much nicer (0: off)
+    apply_nice = 10                            # large applies run this much nicer (0: off)
     serve_sync = "0.0.0.0:7070"                # relay: serve the sync API below
     relay_read_tokens = ["..."]                # tokens sidecars below must send
     relay_tls_cert = "/etc/sidecar/cert.pem"   # relay: serve the sync API over TLS
@@ -78,8 +78,8 @@ class SidecarConfig:
     """Ask the hint stream for pushed diffs (DiffPush): a small version is
     applied with no request (docs/protocol.md)."""
     apply_nice: int = 10
-    """The thread applying batches runs at this much higher a nice value, so
-    readers on the host get a core first (sidecar/apply_thread.py)."""
+    """The thread applying large batches runs at this much higher a nice
+    value, so readers on the host get a core first (sidecar/apply_thread.py)."""
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()

@@ -4,7 +4,10 @@ the same process (group commit, hints), with the real LMDB mirror."""
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
 from pathlib import Path
@@ -28,7 +31,7 @@ from replicad.replica import SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.service import OriginService
 from replicad.store import OriginStore
-from sidecar.agent import Agent, AgentSettings
+from sidecar.agent import LARGE_BATCH, Agent, AgentSettings
 from sidecar.mirror import Mirror
 
 
@@ -165,6 +168,53 @@ async def test_small_versions_arrive_pushed_without_a_request(
         nursery.cancel_scope.cancel()
     mirror.close()
     store.close()
+
+
+async def test_large_batches_apply_in_the_lowered_thread_small_ones_do_not(
+    paths: tuple[Path, Path],
+) -> None:
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False)
+    settings = AgentSettings(
+        datasets=("up",),
+        replica_id="n",
+        sync=SyncConfig(poll_interval=60.0, snapshot_chunk=LARGE_BATCH),
+        apply_nice=5,
+    )
+    applied: list[tuple[int, str, int]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%05d" % i: seed_like_record(i) for i in range(2 * LARGE_BATCH)})
+        )
+        agent = Agent(mirror, ServiceTransport(service), settings, rng=random.Random(1))
+        handle = agent.datasets["up"].handle
+        apply = handle.apply
+
+        def spy(batch: Any) -> bool:
+            nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            applied.append((len(batch.upserts), threading.current_thread().name, nice))
+            return apply(batch)
+
+        handle.apply = spy  # type: ignore[method-assign]
+        await nursery.start(agent.run)
+        await wait_until(agent.ready)
+        result = await service.write(WriteBatch("up", {b"u00001": seed_like_record(7)}))
+        await wait_until(lambda: mirror.cursor("up") == result.cursor, timeout=5)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    large = [(name, nice) for n, name, nice in applied if n >= LARGE_BATCH]
+    small = [(name, nice) for n, name, nice in applied if n < LARGE_BATCH]
+    assert len(large) >= 2 and small
+    assert {name for name, _ in large} == {"sidecar-apply"}
+    assert "sidecar-apply" not in {name for name, _ in small}
+    if sys.platform.startswith("linux"):
+        assert {nice for _, nice in large} == {min(19, base + 5)}
+        assert {nice for _, nice in small} == {base}
 
 
 async def test_lost_hints_are_covered_by_the_safety_poll(paths: tuple[Path, Path]) -> None:
