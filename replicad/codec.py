@@ -483,6 +483,12 @@ def _make_dict_fixer(field: Field, dictionary: Dictionary) -> Callable[[Any], An
     return fix
 
 
+def _bad_code(name: str, code: object, size: int) -> None:
+    raise CorruptRecordError(
+        f"dictionary code {code!r} of field {name!r} is not in the dictionary ({size} entries)"
+    )
+
+
 class _Generator:
     """Writes the source of one typed codec's encode and decode functions."""
 
@@ -828,12 +834,6 @@ class _Generator:
                 template[field.name] = None if field.is_list else field.default
             self.ns[f"COPY{schema.version}"] = template.copy
 
-        def bad_code(name: str, code: object, size: int) -> None:
-            raise CorruptRecordError(
-                f"dictionary code {code!r} of field {name!r} is not in the dictionary "
-                f"({size} entries)"
-            )
-
         def bad_msgpack(exc: Exception) -> None:
             raise CorruptRecordError(f"bad msgpack payload: {exc}") from exc
 
@@ -853,7 +853,7 @@ class _Generator:
                 )
             return decoders[version](vals)
 
-        self.ns.update(bad_code=bad_code, bad_msgpack=bad_msgpack, old_version=old_version)
+        self.ns.update(bad_code=_bad_code, bad_msgpack=bad_msgpack, old_version=old_version)
         self.ns["payload_of"] = None  # set by the codec (it owns the size limit)
         ind = "    "
         src: list[str] = []
@@ -1008,18 +1008,12 @@ class _Generator:
             name = layout.fields[index].name
             size = len(ns[f"S{index}"])
             if code != SPILL:
-                bad_code(name, code, size)
+                _bad_code(name, code, size)
             ordinal = sum(1 for i in layout.dictionary if i < index and t[layout.slot(i)] == SPILL)
             spills = read_spills(data, end)
             if ordinal >= len(spills):
                 raise LayoutError(f"field {name!r} is spilled but the spill tail is short")
             return spills[ordinal]
-
-        def bad_code(name: str, code: object, size: int) -> None:
-            raise CorruptRecordError(
-                f"dictionary code {code!r} of field {name!r} is not in the dictionary "
-                f"({size} entries)"
-            )
 
         def bad_layout(exc: Exception) -> None:
             raise CorruptRecordError(f"bad fixed-layout record: {exc}") from exc

@@ -202,6 +202,8 @@ def field_getter(
         wanted.append((layout.offset(index, w), layout.slot_char(index, w)))
         wanted_by_width.append(wanted)
     pick = tuple(_picker(layout, w, wanted_by_width[w]) for w in range(4))
+    # The readers below repeat their first lines on purpose: each is a hot
+    # path of a few hundred nanoseconds, and a shared helper costs a call.
     base = layout.base
     mask = null[1] if null is not None else 0
 
