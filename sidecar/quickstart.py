@@ -119,7 +119,7 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                 f"{status['version']}, {status['records']:,} records (bootstrap by snapshot)"
             )
             with Reader(workdir / "mirror") as reader:
-                say("== an app reads the mirror (zero-copy, sidecar.reader.Reader):")
+                say("== an app reads the mirror (zero-copy, sidecar.Reader):")
                 for key in (b"user:00000000", b"user:00000001", b"user:%08d" % (records - 1)):
                     rec = reader.get("user_profile", key)
                     assert rec is not None
