@@ -7,9 +7,17 @@ Running every apply in one thread whose nice value is raised (Linux keeps a
 nice value per thread) lets the scheduler hand a core to a waking reader
 first; the apply takes the idle time. The cost is applies that run slower
 only while readers are busy. The agent sends only large batches here (see
-``sidecar.agent.LARGE_BATCH``): a pushed version of a few records applies
-in a millisecond at full priority, and making it wait behind a busy host
-would only delay propagation.
+``sidecar.agent.LARGE_BATCH``): a version of a few records (most pushed
+versions) applies in a millisecond at full priority, and making it wait
+behind a busy host would only delay propagation -- except that it still
+waits for the mirror's write lock if a large apply of another dataset holds
+it (LMDB has one writer), and that apply now runs at the lower priority.
+
+Who gets the core first: the sidecar's own socket workers and any process
+the scheduler weighs against the sidecar's threads. With autogroup or
+cgroups (an app in its own container), the kernel first shares the CPU
+between groups, and a nice value only ranks threads within one; then the
+app's share does not depend on this setting.
 
 One thread is enough: LMDB has one writer at a time anyway, so applies of
 different datasets already ran one after another.
@@ -22,6 +30,7 @@ workers it starts included, would slow down).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -71,16 +80,15 @@ class ApplyThread:
         if type(nice) is not int or not 0 <= nice <= 19:
             raise ValueError(f"nice must be an int in 0..19, got {nice!r}")
         self.nice = nice
+        self.name = name
         self.lowered = False
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._started = False
-        self._closed = False
+        self._thread: threading.Thread | None = None
 
-    def _main(self) -> None:
+    def _main(self, jobs: queue.SimpleQueue[Any]) -> None:
         self.lowered = lower_this_thread(self.nice)
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             if job is _STOP:
                 return
             fn, args, deliver = job
@@ -88,13 +96,17 @@ class ApplyThread:
                 result: Any = (True, fn(*args))
             except BaseException as exc:  # handed to the caller, re-raised there
                 result = (False, exc)
-            deliver(result)
+            # the caller's trio run may be gone (a KeyboardInterrupt through
+            # its shielded wait): nobody waits, drop the result, keep serving
+            with contextlib.suppress(trio.RunFinishedError):
+                deliver(result)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise RuntimeError("the apply thread is closed")
-        if not self._started:
-            self._started = True
+        if self._thread is None:  # the first call, or the first after close()
+            self._jobs = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._main, args=(self._jobs,), name=self.name, daemon=True
+            )
             self._thread.start()
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
@@ -114,10 +126,9 @@ class ApplyThread:
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread once the queued calls are done (waits up to
-        ``timeout`` seconds for it; None: forever)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._started:
+        ``timeout`` seconds for it; None: forever). A later :meth:`run`
+        starts a new one."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._jobs.put(_STOP)
-            self._thread.join(timeout)
+            thread.join(timeout)

@@ -72,15 +72,27 @@ def test_a_started_call_finishes_before_the_cancellation_is_seen() -> None:
     assert not worker.lowered  # nice 0: left alone
 
 
-def test_closed_and_bad_settings() -> None:
+def test_close_then_reuse_and_a_result_nobody_waits_for() -> None:
     worker = ApplyThread(3)
-    worker.close()
 
-    async def main() -> None:
-        with pytest.raises(RuntimeError, match="closed"):
-            await worker.run(int)
+    async def ask(value: str) -> str:
+        return await worker.run(lambda: value)
 
-    trio.run(main)
+    assert trio.run(ask, "first") == "first"
+    worker.close(timeout=5)
+    assert trio.run(ask, "after close: a new thread") == "after close: a new thread"
+
+    # a caller whose trio run ended (a KeyboardInterrupt through a shielded
+    # wait) cannot be told: the thread drops the result and keeps serving
+    def gone(_result: object) -> None:
+        raise trio.RunFinishedError("that run is over")
+
+    worker._jobs.put((int, (), gone))
+    assert trio.run(ask, "still alive") == "still alive"
+    worker.close(timeout=5)
+
+
+def test_bad_settings() -> None:
     for bad in (-1, 20, 1.5):
         with pytest.raises(ValueError, match=r"0\.\.19"):
             ApplyThread(bad)  # type: ignore[arg-type]
