@@ -108,6 +108,9 @@ from replicad.layout import (
     HEADER_FIXED,
     HEADER_FIXED_SNAPPY,
     INT_CHARS,
+    LIST_PACK,
+    LIST_UNPACK,
+    SHORT_LIST,
     SPILL,
     Layout,
     LayoutError,
@@ -149,8 +152,6 @@ HEADER_TYPED_SNAPPY = 0x11
 HEADER_OPAQUE = 0x12
 HEADER_OPAQUE_SNAPPY = 0x13
 
-_H_TYPED = bytes([HEADER_TYPED])
-_H_TYPED_SNAPPY = bytes([HEADER_TYPED_SNAPPY])
 _H_OPAQUE = bytes([HEADER_OPAQUE])
 _H_OPAQUE_SNAPPY = bytes([HEADER_OPAQUE_SNAPPY])
 
@@ -511,15 +512,12 @@ class _Generator:
             "DECODE_ERRORS": _DECODE_ERRORS,
             "unpackb": _unpackb,
             "compress_raw": _compress_raw,
-            "H": _H_TYPED,
-            "HZ": _H_TYPED_SNAPPY,
             "log": dictionary._log,
             "truncate": dictionary.truncate,
             "StructError": struct.error,
             "pack": struct.pack,
             "packb": msgpack.Packer(use_bin_type=True, autoreset=True).pack,
             "H2Z": bytes([HEADER_FIXED_SNAPPY]),
-            "SPILL": SPILL,
             "read_ints": read_ints,
             "read_floats": read_floats,
             "read_bools": read_bools,
@@ -656,10 +654,9 @@ class _Generator:
             if code is not None:
                 # a precompiled struct per length for short lists
                 table = f"PL_{code}"
-                if table not in self.ns:
-                    self.ns[table] = tuple(struct.Struct(f"<{n}{code}").pack for n in range(64))
+                self.ns[table] = LIST_PACK[code]
                 expr = (
-                    f"{table}[len({v})](*{v}) if len({v}) < 64 "
+                    f"{table}[len({v})](*{v}) if len({v}) < {SHORT_LIST} "
                     f"else pack('<%d{code}' % len({v}), *{v})"
                 )
             elif field.type is FieldType.BOOL:
@@ -825,14 +822,21 @@ class _Generator:
             out.append(f"vals += ({', '.join(tail)},)")
         return out
 
-    def decode_source(self) -> str:
-        latest = self.latest
-        fields = self.fields
+    def _templates(self) -> None:
+        """``COPY<version>()``: a new dict of the latest fields, the fields
+        added after ``version`` holding their defaults (lists: None, filled
+        with a fresh copy by the decoder)."""
         for schema in self.schemas:
-            template: dict[str, Any] = dict.fromkeys(latest.names)
-            for field in fields[len(schema.fields) :]:
+            template: dict[str, Any] = dict.fromkeys(self.latest.names)
+            for field in self.fields[len(schema.fields) :]:
                 template[field.name] = None if field.is_list else field.default
             self.ns[f"COPY{schema.version}"] = template.copy
+
+    def decode_source(self) -> str:
+        """Decoders of revision 1 (msgpack arrays): ``v1_decode`` and
+        ``v1_decode_values``."""
+        latest = self.latest
+        fields = self.fields
 
         def bad_msgpack(exc: Exception) -> None:
             raise CorruptRecordError(f"bad msgpack payload: {exc}") from exc
@@ -854,7 +858,6 @@ class _Generator:
             return decoders[version](vals)
 
         self.ns.update(bad_code=_bad_code, bad_msgpack=bad_msgpack, old_version=old_version)
-        self.ns["payload_of"] = None  # set by the codec (it owns the size limit)
         ind = "    "
         src: list[str] = []
         for schema in self.schemas:
@@ -887,9 +890,10 @@ class _Generator:
         return "\n".join(src)
 
     def _fixed_lines(self, schema: Schema, as_dict: bool) -> list[str]:
-        """The body of ``fx<l|d>_v<version>(data, t)``: a fixed-layout record of
-        ``schema`` (``t`` is what the version's struct unpacked) as the latest
-        schema's value list or dict."""
+        """The body decoding a fixed-layout record of ``schema`` (``t`` is what
+        the version's struct unpacked) to the latest schema's value list or
+        dict: inlined in ``decode``/``decode_values`` for the latest version,
+        ``fx<l|d>_v<version>(data, t)`` for older ones."""
         layout = self.layouts[schema.version]
         fields = schema.fields
         nulls = [f"n{b}" for b in range(layout.null_bytes)]
@@ -944,7 +948,7 @@ class _Generator:
                     out += [
                         f"q = {span}",
                         f"k = q >> {shift}",
-                        f"if k << {shift} == q and k < 64:",
+                        f"if k << {shift} == q and k < {SHORT_LIST}:",
                         f"    x{i} = list({table}[k](data, {lo}))",
                         "else:",
                         f"    x{i} = {helper}",
@@ -1027,13 +1031,17 @@ class _Generator:
             if head == HEADER_FIXED_SNAPPY:
                 data = bytes([HEADER_FIXED]) + bytes(ns["inflate"](data))
             elif head != HEADER_FIXED:
+                # compiled on first use: only data written before the fixed
+                # layout needs it (LIST_DECODERS is set last: a thread that
+                # sees it finds the rest; two threads compiling is harmless)
+                if "LIST_DECODERS" not in ns:
+                    self._compile("decode_v1", self.decode_source())
                 return ns["v1_decode" if as_dict else "v1_decode_values"](data)
             try:
                 _, version, w = read_prefix(data)
             except LayoutError as exc:
                 raise CorruptRecordError(str(exc)) from None
-            fn = ns["FIXED_DICT" if as_dict else "FIXED_LIST"].get(version)
-            if fn is None:
+            if version not in layouts:
                 raise CorruptRecordError(f"unknown schema version {version!r} (known: {known})")
             st = layouts[version].structs[w]
             if len(data) < st.size:
@@ -1041,7 +1049,10 @@ class _Generator:
                     f"schema version {version} record of {len(data)} bytes is shorter than "
                     f"its fixed part ({st.size})"
                 )
-            return fn(data, st.unpack_from(data))
+            if version == latest:  # an inflated record: the entry point's fast path takes it
+                return ns["decode" if as_dict else "decode_values"](data)
+            kind = "d" if as_dict else "l"
+            return ns[f"fx{kind}_v{version}"](data, st.unpack_from(data))
 
         self.ns.update(
             check_tail=check_tail,
@@ -1052,15 +1063,15 @@ class _Generator:
             CorruptRecordError=CorruptRecordError,
             LAYOUT_ERRORS=(*_DECODE_ERRORS, struct.error),
             UNPACK=tuple(st.unpack_from for st in layouts[latest].structs),
-            UL_INT=tuple(
-                tuple(struct.Struct(f"<{n}{c}").unpack_from for n in range(64)) for c in INT_CHARS
-            ),
-            UL_d=tuple(struct.Struct(f"<{n}d").unpack_from for n in range(64)),
-            UL_f=tuple(struct.Struct(f"<{n}f").unpack_from for n in range(64)),
+            UL_INT=tuple(LIST_UNPACK[c] for c in INT_CHARS),
+            UL_d=LIST_UNPACK["d"],
+            UL_f=LIST_UNPACK["f"],
         )
         src: list[str] = []
         for version, layout in layouts.items():
             self.ns[f"BASE{version}"] = layout.base
+            if version == latest:
+                continue  # its body is inlined in the entry points below
             for kind, as_dict in (("d", True), ("l", False)):
                 src += [f"def fx{kind}_v{version}(data, t):", "    try:"]
                 src += ["        " + line for line in self._fixed_lines(layout.schema, as_dict)]
@@ -1091,21 +1102,23 @@ class _Generator:
             ]
         return "\n".join(src)
 
+    def _compile(self, name: str, source: str) -> None:
+        self.ns[f"SOURCE_{name}"] = source
+        exec(compile(source, f"<replicad.codec {name}>", "exec"), self.ns)
+        if name == "decode_v1":
+            versions = [s.version for s in self.schemas]
+            self.ns["DICT_DECODERS"] = {v: self.ns[f"dict_v{v}"] for v in versions}
+            self.ns["LIST_DECODERS"] = {v: self.ns[f"list_v{v}"] for v in versions}
+
     def build(self) -> dict[str, Any]:
-        """Compile both sources; the namespace holds ``encode``, ``decode``,
-        ``decode_values`` and the per-version decoders."""
-        sources = (
-            ("encode", self.encode_source()),
-            ("decode_v1", self.decode_source()),
-            ("decode", self.fixed_source()),
-        )
-        for name, source in sources:
-            self.ns[f"SOURCE_{name}"] = source
-            exec(compile(source, f"<replicad.codec {name}>", "exec"), self.ns)
-        self.ns["FIXED_DICT"] = {v: self.ns[f"fxd_v{v}"] for v in self.layouts}
-        self.ns["FIXED_LIST"] = {v: self.ns[f"fxl_v{v}"] for v in self.layouts}
-        self.ns["DICT_DECODERS"] = {s.version: self.ns[f"dict_v{s.version}"] for s in self.schemas}
-        self.ns["LIST_DECODERS"] = {s.version: self.ns[f"list_v{s.version}"] for s in self.schemas}
+        """Compile the encoder and the fixed-layout decoders; the namespace
+        holds ``encode``, ``decode``, ``decode_values`` and the per-version
+        decoders. Revision 1's decoders are compiled on the first revision-1
+        (or unknown) value met: most codecs never see one."""
+        self._templates()
+        self._compile("encode", self.encode_source())
+        self._compile("decode", self.fixed_source())
+        self.ns["LAYOUTS"] = self.layouts
         return self.ns
 
 
@@ -1177,8 +1190,7 @@ class DatasetCodec:
     (compressed records, older versions and revisions). It returns what
     ``decode(data)[name]`` would; for a malformed record it raises what
     decoding raises, or returns the field when the bytes it reads are sound
-    (it checks only those). Empty
-    for an opaque dataset; read-only.
+    (it checks only those). Empty for an opaque dataset; read-only.
     """
 
     decode_values: Callable[[bytes | bytearray | memoryview], list[Any]]
@@ -1209,7 +1221,6 @@ class DatasetCodec:
             self._names: tuple[str, ...] = ()
             self._index: dict[str, int] = {}
             self.field_getters: Mapping[str, Callable[[Any], Any]] = {}
-            self._slow_getters: dict[str, Callable[[Any], Any]] = {}
             self.encode = self._opaque_encode
             self.decode = self._opaque_decode
             self.decode_values = self._opaque_decode
@@ -1236,24 +1247,14 @@ class DatasetCodec:
         self.encode = ns["encode"]
         self.decode = ns["decode"]
         self.decode_values = ns["decode_values"]
-        self.sources = {
-            "encode": ns["SOURCE_encode"],
-            "decode": ns["SOURCE_decode"],
-            "decode_v1": ns["SOURCE_decode_v1"],
-        }
-        layout = Layout(self._schemas[-1])
-        decode_values = self.decode_values
-
-        def slow(index: int) -> Callable[[Any], Any]:
-            return lambda data: decode_values(data)[index]
-
-        self._slow_getters = {field.name: slow(i) for i, field in enumerate(layout.fields)}
+        self.sources = {"encode": ns["SOURCE_encode"], "decode": ns["SOURCE_decode"]}
+        layout: Layout = ns["LAYOUTS"][self._schemas[-1].version]
         self.field_getters = {
             field.name: field_getter(
                 layout,
                 i,
                 self._dictionary._table(field.name)[0] if field.dictionary else None,
-                slow(i),
+                self._decoding_getter(i),
             )
             for i, field in enumerate(layout.fields)
             if not field.is_list
@@ -1308,10 +1309,15 @@ class DatasetCodec:
 
         Raises :class:`UnknownFieldError` if the latest schema has no such field.
         """
-        get = self.field_getters.get(name) or self._slow_getters.get(name)
-        if get is None:
-            raise UnknownFieldError(f"unknown field {name!r}")
-        return get
+        get = self.field_getters.get(name)
+        if get is not None:
+            return get
+        return self._decoding_getter(self.field_index(name))
+
+    def _decoding_getter(self, index: int) -> Callable[[Any], Any]:
+        """A reader of field ``index`` that decodes the whole record."""
+        decode_values = self.decode_values
+        return lambda data: decode_values(data)[index]
 
     def field_index(self, name: str) -> int:
         """The position of field ``name`` in :meth:`decode_values`'s list.

@@ -17,10 +17,11 @@ elements of ``list<int>`` fields) is stored signed in 1, 2, 4 or 8 bytes.
 Readers take all four; the encoder writes 2 (4 bytes) unless some int of
 the record needs 8 bytes (3). (Trying 4 bytes and falling back when
 ``struct`` refuses costs nothing on the common path; finding the smallest
-width would cost a min and a max over every int of every record.) ``nulls`` is a bitmap over
-the *nullable* fields only, in field order (bit ``j % 8`` of byte ``j // 8``
-is set when the ``j``-th nullable field is null); ``NB`` is the number of
-nullable fields divided by 8, rounded up (0 when there are none).
+width would cost a min and a max over every int of every record.)
+``nulls`` is a bitmap over the *nullable* fields only, in field order (bit
+``j % 8`` of byte ``j // 8`` is set when the ``j``-th nullable field is
+null); ``NB`` is the number of nullable fields divided by 8, rounded up (0
+when there are none).
 
 ``slots`` holds one slot per field, in field order, with no padding:
 
@@ -87,7 +88,24 @@ INT_CHARS = "bhiq"
 
 _SCALAR_CHARS = {FieldType.FLOAT: "d", FieldType.FLOAT32: "f", FieldType.BOOL: "?"}
 _PREFIX = struct.Struct("<BHB")
-_U32 = struct.Struct("<I")
+
+SHORT_LIST = 64
+"""Lists shorter than this are packed and unpacked by a precompiled struct of
+their length (:data:`LIST_PACK`, :data:`LIST_UNPACK`); longer ones build a
+format string per call."""
+
+LIST_PACK: dict[str, tuple[Callable[..., bytes], ...]] = {
+    code: tuple(struct.Struct(f"<{n}{code}").pack for n in range(SHORT_LIST))
+    for code in (*INT_CHARS, "d", "f")
+}
+"""struct code -> ``pack`` of ``n`` such values, by ``n`` (made once, shared by
+every codec)."""
+
+LIST_UNPACK: dict[str, tuple[Callable[..., tuple[Any, ...]], ...]] = {
+    code: tuple(struct.Struct(f"<{n}{code}").unpack_from for n in range(SHORT_LIST))
+    for code in (*INT_CHARS, "d", "f")
+}
+"""struct code -> ``unpack_from`` of ``n`` such values, by ``n``."""
 
 
 def is_variable(field: Field) -> bool:
@@ -124,6 +142,15 @@ class Layout:
         ]
         self.structs = tuple(struct.Struct(self.format(w)) for w in range(4))
         self.base = tuple(s.size for s in self.structs)
+        self._offsets = tuple(self._slot_offsets(w) for w in range(4))
+
+    def _slot_offsets(self, width: int) -> tuple[int, ...]:
+        at = struct.calcsize(self.format(width, 0))
+        out = []
+        for i in range(len(self.fields)):
+            out.append(at)
+            at += struct.calcsize("<" + self.slot_char(i, width))
+        return tuple(out)
 
     def slot_char(self, index: int, width: int) -> str:
         field = self.fields[index]
@@ -145,7 +172,7 @@ class Layout:
 
     def offset(self, index: int, width: int) -> int:
         """Byte offset of field ``index``'s slot in a value of width ``width``."""
-        return struct.calcsize(self.format(width, index))
+        return self._offsets[width][index]
 
     def previous_variable(self, index: int) -> int | None:
         """The variable field before field ``index`` (its end is this one's
@@ -157,7 +184,7 @@ class Layout:
 # --- one-field readers -------------------------------------------------------
 
 
-def _picker(layout: Layout, width: int, wanted: Sequence[tuple[int, str]]) -> Any:
+def _picker(wanted: Sequence[tuple[int, str]]) -> Any:
     """``unpack_from`` of a struct reading (header, version, *wanted values):
     each of ``wanted`` is (byte offset, struct code), in increasing offset."""
     fmt = "<BH"
@@ -191,25 +218,26 @@ def field_getter(
     null = layout.null_bit.get(index)
     if field.is_list:
         return slow
+    variable = is_variable(field)
+    previous = layout.previous_variable(index) if variable else None
     wanted_by_width: list[list[tuple[int, str]]] = []
     for w in range(4):
         wanted: list[tuple[int, str]] = []
         if null is not None:
             wanted.append((4 + null[0], "B"))
-        previous = layout.previous_variable(index) if is_variable(field) else None
         if previous is not None:
             wanted.append((layout.offset(previous, w), "I"))
         wanted.append((layout.offset(index, w), layout.slot_char(index, w)))
         wanted_by_width.append(wanted)
-    pick = tuple(_picker(layout, w, wanted_by_width[w]) for w in range(4))
+    pick = tuple(_picker(wanted) for wanted in wanted_by_width)
     # The readers below repeat their first lines on purpose: each is a hot
     # path of a few hundred nanoseconds, and a shared helper costs a call.
     base = layout.base
     mask = null[1] if null is not None else 0
 
-    if is_variable(field):
+    if variable:
         as_str = field.type is FieldType.STR
-        has_start = layout.previous_variable(index) is not None
+        has_start = previous is not None
         first = 3 if null is not None else 2  # the start's position in the tuple
 
         def get_variable(data: Any) -> Any:
