@@ -92,8 +92,8 @@ class AgentSettings:
     apply_nice: int = 10
     """How much lower than the rest of the process the thread applying large
     batches (:data:`LARGE_BATCH` records or more: snapshot chunks, big diffs)
-    runs (its nice value is raised by this; 0: the same priority), so
-    readers on the host get a core first (:mod:`sidecar.apply_thread`)."""
+    runs (its nice value is raised by this; 0: the same priority), so the
+    socket's worker processes get a core first (:mod:`sidecar.apply_thread`)."""
 
 
 class BootstrapProgress:

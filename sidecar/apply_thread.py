@@ -72,8 +72,8 @@ class ApplyThread:
     Like ``trio.to_thread.run_sync``, the wait cannot be cancelled: a call
     that started finishes (its LMDB transaction commits or rolls back) and
     its result is returned; the caller sees the cancellation at its next
-    checkpoint. ``close()`` stops the thread after the
-    calls queued before it.
+    checkpoint. ``close()`` stops the thread after the calls queued before
+    it; a later ``run`` starts a new one.
     """
 
     def __init__(self, nice: int = 10, *, name: str = "sidecar-apply") -> None:

@@ -79,7 +79,8 @@ class SidecarConfig:
     applied with no request (docs/protocol.md)."""
     apply_nice: int = 10
     """The thread applying large batches runs at this much higher a nice
-    value, so readers on the host get a core first (sidecar/apply_thread.py)."""
+    value, so the socket's worker processes get a core first
+    (sidecar/apply_thread.py)."""
     ca_file: Path | None = None
     serve_sync: Listen | None = None
     relay_read_tokens: frozenset[str] = frozenset()

@@ -44,6 +44,7 @@ def fmt_fixed(payload: bytes, definition: dict[str, Any]) -> tuple[int, list[Any
     int_size = 1 << width
     int_code = "bhiq"[width]
     slots: list[Any] = []
+    ends: list[int] = []  # the variable fields' end offsets
     for f in fields:
         variable = f["type"].startswith("list<") or (
             f["type"] in ("str", "bytes") and not f.get("dictionary")
@@ -55,14 +56,10 @@ def fmt_fixed(payload: bytes, definition: dict[str, Any]) -> tuple[int, list[Any
         else:
             code, size = _SCALAR[f["type"]]
         slots.append(struct.unpack_from("<" + code, payload, pos)[0])
+        if variable:
+            ends.append(slots[-1])
         pos += size
     var_start = pos
-    ends = [
-        slot
-        for f, slot in zip(fields, slots, strict=True)
-        if f["type"].startswith("list<")
-        or (f["type"] in ("str", "bytes") and not f.get("dictionary"))
-    ]
     tail_start = var_start + (ends[-1] if ends else 0)
     spills = iter(msgpack.unpackb(payload[tail_start:]) if len(payload) > tail_start else [])
     values: list[Any] = []
