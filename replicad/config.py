@@ -13,6 +13,8 @@ Example ``replicad.toml``::
     max_body_mb = 256
     group_commit_max = 256           # write batches per LMDB transaction
     push_max_kb = 256                # versions up to this size are pushed with their hint
+    ingest_workers = 1               # processes that decode and encode large write bodies
+    ingest_offload_kb = 256          # bodies from this size go to them (0 workers: none do)
     log_format = "json"              # or "text"
 
 Tokens may also come from the environment: ``REPLICAD_WRITE_TOKENS`` and
@@ -31,6 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from replicad.errors import ConfigError
+
+
+def default_ingest_workers() -> int:
+    """One ingest worker per core beyond the origin's own, at least one and
+    at most four (the committer, not decoding, is the limit beyond that)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def check_tls_files(cert: Path, key: Path, what: str) -> None:
@@ -105,6 +113,11 @@ class OriginConfig:
     push_max_kb: int = 256
     """Versions whose changes total at most this many KiB are pushed to
     subscribers that ask for diffs (0: hints only)."""
+    ingest_workers: int = field(default_factory=default_ingest_workers)
+    """Worker processes that decode and encode large write bodies
+    (:mod:`replicad.ingest`); 0 does that work in the origin process."""
+    ingest_offload_kb: int = 256
+    """Write bodies of at least this many KiB go to an ingest worker."""
     log_format: str = "json"
     durable: bool = True
     """fsync each commit (never turn off in production; tests may)."""
@@ -126,6 +139,10 @@ class OriginConfig:
             raise ConfigError("group_commit_max must be >= 1")
         if not 0 <= self.push_max_kb <= 512:
             raise ConfigError("push_max_kb must be between 0 and 512")
+        if not 0 <= self.ingest_workers <= 64:
+            raise ConfigError("ingest_workers must be between 0 and 64")
+        if self.ingest_offload_kb < 0:
+            raise ConfigError("ingest_offload_kb must be >= 0")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
         if self.write_tokens & self.read_tokens:
@@ -195,6 +212,8 @@ def from_mapping(values: Mapping[str, Any], base: OriginConfig | None = None) ->
                     | "max_body_mb"
                     | "group_commit_max"
                     | "push_max_kb"
+                    | "ingest_workers"
+                    | "ingest_offload_kb"
                 ):
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ConfigError(f"{key} must be an integer")

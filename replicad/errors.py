@@ -196,6 +196,12 @@ class BadRequestError(ReplicadError):
     request was applied."""
 
 
+class StaleEncodingError(ReplicadError):
+    """A write batch encoded ahead of its commit (by an ingest worker) used a
+    schema version that is no longer the latest. The HTTP layer encodes the
+    body again and retries; a client never sees this error."""
+
+
 class AuthError(ReplicadError):
     """A request lacks a valid bearer token (HTTP 401) or its token may not do
     this (HTTP 403); ``status`` says which."""

@@ -48,18 +48,23 @@ one watching :meth:`OriginApp.shutdown` end the stream.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote_to_bytes
 
-import msgpack
 import trio
 
 from replicad.codec import DatasetCodec
@@ -77,11 +82,21 @@ from replicad.errors import (
     ProtocolError,
     RecordError,
     SchemaError,
+    StaleEncodingError,
     StorageError,
     UnknownDatasetError,
     ValueTooLargeError,
 )
 from replicad.frames import FrameDecoder, encode_frame
+from replicad.http_body import (
+    HttpError,
+    check_object,
+    decode_document,
+    key_text,
+    parse_batch,
+    parse_replace,
+)
+from replicad.ingest_pool import IngestPool
 from replicad.merkle import Geometry
 from replicad.messages import (
     EPOCH_BYTES,
@@ -100,6 +115,7 @@ from replicad.metrics import Registry
 from replicad.origin_types import (
     DatasetInfo,
     DatasetSpec,
+    EncodingBasis,
     FleetEntry,
     WriteBatch,
     WriteResult,
@@ -149,6 +165,7 @@ class OriginServiceLike(Protocol):
     def datasets(self) -> list[DatasetInfo]: ...
     def dataset(self, name: str) -> DatasetInfo: ...
     def codec(self, name: str) -> DatasetCodec: ...
+    def encoding_basis(self, name: str) -> EncodingBasis: ...
     async def create_dataset(self, spec: DatasetSpec) -> DatasetInfo: ...
     async def evolve_schema(self, name: str, schema: Schema) -> DatasetInfo: ...
     async def reset_history(self, name: str) -> DatasetInfo: ...
@@ -166,23 +183,6 @@ class OriginServiceLike(Protocol):
     ) -> None: ...
     def fleet(self) -> list[FleetEntry]: ...
     def lag(self, cursor: Cursor, name: str) -> int | None: ...
-
-
-class HttpError(Exception):
-    """An HTTP error answer decided by the app itself (415, 413, 405, ...).
-
-    Local to this adapter: the service's errors are :mod:`replicad.errors`
-    types, mapped by :func:`error_response`.
-    """
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = list(headers)
 
 
 class _ClientGoneError(Exception):
@@ -349,10 +349,6 @@ class _Request:
 # --------------------------------------------------------------------- JSON helpers
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _jsonable(value: Any) -> Any:
     """Make ``value`` strict JSON: bytes -> ``{"base64": ...}``, non-finite
     floats -> ``"NaN"``/``"Infinity"``/``"-Infinity"``, tuples -> lists,
@@ -382,55 +378,9 @@ def _dumps(doc: Any) -> bytes:
     return text.encode("utf-8")
 
 
-def _key_text(key: bytes) -> Any:
-    try:
-        return key.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(key).decode("ascii")}
-
-
-def _b64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise HttpError(400, "bad_request", f"{what}: base64 must be a string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "bad_request", f"{what}: invalid base64") from None
-
-
-def _is_b64_wrapper(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and "base64" in value
-
-
-def _unwrap_json(value: Any, what: str) -> Any:
-    """JSON field values: ``{"base64": s}`` -> bytes, in lists too."""
-    if _is_b64_wrapper(value):
-        return _b64(value["base64"], what)
-    if isinstance(value, list):
-        return [_unwrap_json(v, what) for v in value]
-    return value
-
-
-def _utf8(text: str, what: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise HttpError(400, "bad_request", f"{what} is not valid Unicode") from None
-
-
 def _int(value: Any, what: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise HttpError(400, "bad_request", f"{what} must be an integer >= {minimum}")
-    return value
-
-
-def _obj(value: Any, what: str, allowed: Iterable[str] | None = None) -> dict[Any, Any]:
-    if not isinstance(value, dict):
-        raise HttpError(400, "bad_request", f"{what} must be an object")
-    if allowed is not None:
-        unknown = sorted(str(k) for k in value if k not in set(allowed))
-        if unknown:
-            raise HttpError(400, "bad_request", f"{what}: unknown keys {unknown}")
     return value
 
 
@@ -494,7 +444,9 @@ class OriginApp:
     """The ASGI application. ``max_body_bytes`` bounds every request body
     (the server passes ``config.max_body_mb`` in bytes); ``ping_interval`` is
     the SSE keep-alive period; ``openapi`` the document served at
-    ``/openapi.json`` (built by :func:`replicad.openapi.build` when None).
+    ``/openapi.json`` (built by :func:`replicad.openapi.build` when None);
+    ``ingest`` the worker processes for large write bodies (None: every body
+    is decoded in this process).
 
     Registers its metrics in ``service.registry`` (so one service takes one
     app; a second raises ValueError).
@@ -510,6 +462,7 @@ class OriginApp:
         ping_interval: float = DEFAULT_PING_INTERVAL,
         openapi: Mapping[str, Any] | None = None,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        ingest: IngestPool | None = None,
     ) -> None:
         if max_body_bytes < 1:
             raise ConfigError("max_body_bytes must be >= 1")
@@ -524,6 +477,7 @@ class OriginApp:
         self.max_body_bytes = max_body_bytes
         self.ping_interval = ping_interval
         self.body_timeout = body_timeout
+        self.ingest = ingest
         if openapi is None:
             from replicad.openapi import build
 
@@ -541,6 +495,13 @@ class OriginApp:
             "replicad_http_request_duration_seconds",
             "HTTP request duration (for streams: the whole stream) by route template.",
             ["route"],
+        )
+        self._m_ingest = r.counter(
+            "replicad_ingest_jobs_total",
+            "Write bodies given to an ingest worker, by outcome: encoded (committed "
+            "from the worker's bytes), fallback (the worker failed or the schema "
+            "changed meanwhile: encoded again in process).",
+            ["outcome"],
         )
         self._in_flight = 0
         r.gauge(
@@ -721,9 +682,9 @@ class OriginApp:
             return None
         return value.split(b";", 1)[0].strip().lower().decode("latin-1")
 
-    async def _read_document(self, req: _Request) -> tuple[Any, bool]:
-        """The decoded body and whether it was JSON. 415 for another media
-        type, 400 for a malformed body."""
+    async def _read_typed_body(self, req: _Request) -> tuple[bytes, bool]:
+        """The body and whether it is JSON (else msgpack); 415 for another
+        media type."""
         media = self._media_type(req)
         is_json = media is None or media in JSON_TYPES or media.endswith("+json")
         if not is_json and media not in MSGPACK_TYPES:
@@ -732,16 +693,42 @@ class OriginApp:
                 "unsupported_media_type",
                 f"expected application/json or application/msgpack, not {media}",
             )
-        body = await self._read_body(req)
-        if is_json:
-            try:
-                return json.loads(body, parse_constant=_reject_constant), True
-            except (ValueError, RecursionError) as exc:
-                raise HttpError(400, "bad_request", f"malformed JSON: {exc}") from None
-        try:
-            return msgpack.unpackb(body, raw=False, strict_map_key=False), False
-        except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
-            raise HttpError(400, "bad_request", f"malformed msgpack: {exc}") from None
+        return await self._read_body(req), is_json
+
+    async def _read_document(self, req: _Request) -> tuple[Any, bool]:
+        """The decoded body and whether it was JSON. 415 for another media
+        type, 400 for a malformed body."""
+        body, is_json = await self._read_typed_body(req)
+        return decode_document(body, is_json), is_json
+
+    async def _write_body(self, req: _Request, *, replace: bool) -> WriteResult:
+        """Commit the batch (or, with ``replace``, the whole dataset) in the
+        request body. A large body is decoded and encoded by an ingest worker
+        (:mod:`replicad.ingest`); a small one, or one the workers could not
+        take, in this process."""
+        name = req.param("name")
+        typed = self.service.dataset(name).schema is not None
+        body, is_json = await self._read_typed_body(req)
+        pool = self.ingest
+        if pool is not None and pool.wants(body):
+            basis = self.service.encoding_basis(name)
+            batch = await pool.prepare(basis, body, is_json, replace)
+            if batch is not None:
+                try:
+                    result = await self.service.write(batch)
+                except StaleEncodingError:
+                    pass  # the schema evolved meanwhile: encode it all here
+                else:
+                    self._m_ingest.inc(1, "encoded")
+                    return result
+            self._m_ingest.inc(1, "fallback")
+        doc = decode_document(body, is_json)
+        if replace:
+            batch = WriteBatch(name, parse_replace(doc, typed, is_json), (), replace=True)
+        else:
+            upserts, deletes = parse_batch(doc, typed, is_json)
+            batch = WriteBatch(name, upserts, deletes)
+        return await self.service.write(batch)
 
     # ---------------------------------------------------------------- operations
 
@@ -791,33 +778,11 @@ class OriginApp:
     # ---------------------------------------------------------------- writes
 
     async def _h_batch(self, req: _Request) -> None:
-        name = req.param("name")
-        typed = self.service.dataset(name).schema is not None
-        doc, is_json = await self._read_document(req)
-        doc = _obj(doc, "batch", ("upserts", "deletes"))
-        upserts = _records(doc.get("upserts", {}), typed, is_json, "upserts")
-        deletes_raw = doc.get("deletes", [])
-        if not isinstance(deletes_raw, list):
-            raise HttpError(400, "bad_request", "deletes must be an array of keys")
-        deletes = [_key(k, is_json) for k in deletes_raw]
-        both = set(deletes).intersection(upserts)
-        if both:
-            sample = _key_text(min(both))
-            raise HttpError(
-                400, "bad_request", f"{len(both)} key(s) both upserted and deleted, e.g. {sample!r}"
-            )
-        result = await self.service.write(WriteBatch(name, upserts, deletes))
+        result = await self._write_body(req, replace=False)
         await req.json(200, result.to_json())
 
     async def _h_replace(self, req: _Request) -> None:
-        name = req.param("name")
-        typed = self.service.dataset(name).schema is not None
-        doc, is_json = await self._read_document(req)
-        doc = _obj(doc, "replace", ("records",))
-        if "records" not in doc:
-            raise HttpError(400, "bad_request", "replace needs 'records'")
-        records = _records(doc["records"], typed, is_json, "records")
-        result = await self.service.write(WriteBatch(name, records, (), replace=True))
+        result = await self._write_body(req, replace=True)
         await req.json(200, result.to_json())
 
     # ---------------------------------------------------------------- reads
@@ -827,14 +792,14 @@ class OriginApp:
         key = req.params["key"]
         value, cursor = await self.service.get(name, key)
         if value is None:
-            raise HttpError(404, "not_found", f"no record {_key_text(key)!r} in {name!r}")
+            raise HttpError(404, "not_found", f"no record {key_text(key)!r} in {name!r}")
         codec = self.service.codec(name)
-        doc: dict[str, Any] = {"key": _key_text(key), "version": cursor.version}
+        doc: dict[str, Any] = {"key": key_text(key), "version": cursor.version}
         if codec.is_typed:
             doc["record"] = _jsonable(codec.decode(value))
         else:
             raw = codec.decode_opaque(value)
-            doc["value"] = _key_text(raw)
+            doc["value"] = key_text(raw)
         await req.json(200, doc)
 
     # ---------------------------------------------------------------- sync
@@ -940,19 +905,19 @@ class OriginApp:
 
     async def _h_ack(self, req: _Request) -> None:
         doc, _ = await self._read_document(req)
-        doc = _obj(doc, "ack", ("replica", "datasets", "info"))
+        doc = check_object(doc, "ack", ("replica", "datasets", "info"))
         replica = doc.get("replica")
         if not isinstance(replica, str) or not replica:
             raise HttpError(400, "bad_request", "replica must be a non-empty string")
         datasets: dict[str, Cursor] = {}
-        for name, raw in _obj(doc.get("datasets", {}), "datasets").items():
+        for name, raw in check_object(doc.get("datasets", {}), "datasets").items():
             if not isinstance(name, str):
                 raise HttpError(400, "bad_request", "dataset names must be strings")
-            cur = _obj(raw, f"datasets[{name!r}]", ("epoch", "version"))
+            cur = check_object(raw, f"datasets[{name!r}]", ("epoch", "version"))
             datasets[name] = Cursor(
                 _epoch(cur.get("epoch"), name), _int(cur.get("version"), f"{name}.version")
             )
-        info = _obj(doc.get("info", {}), "info")
+        info = check_object(doc.get("info", {}), "info")
         info = _jsonable(info)
         if len(_dumps(info)) > MAX_INFO_BYTES:
             raise HttpError(400, "bad_request", f"info is larger than {MAX_INFO_BYTES} bytes")
@@ -988,47 +953,6 @@ class OriginApp:
 # --------------------------------------------------------------------- body shapes
 
 
-def _key(raw: Any, is_json: bool) -> bytes:
-    """A key from a body: a string (its UTF-8 bytes) or, in msgpack, bin."""
-    if isinstance(raw, str):
-        return _utf8(raw, "a key")
-    if not is_json and isinstance(raw, bytes):
-        return raw
-    kind = "strings" if is_json else "strings or bin"
-    raise HttpError(400, "bad_request", f"keys must be {kind}, got {type(raw).__name__}")
-
-
-def _records(raw: Any, typed: bool, is_json: bool, what: str) -> dict[bytes, Any]:
-    """``{key: record}`` with keys as bytes and records ready for the service:
-    typed records as dicts (JSON ``{"base64": ...}`` unwrapped to bytes),
-    opaque values as bytes."""
-    if not isinstance(raw, dict):
-        raise HttpError(400, "bad_request", f"{what} must be an object of key -> record")
-    out: dict[bytes, Any] = {}
-    for raw_key, value in raw.items():
-        key = _key(raw_key, is_json)
-        if key in out:
-            raise HttpError(400, "bad_request", f"{what}: key {_key_text(key)!r} appears twice")
-        label = f"key {_key_text(key)!r}"
-        if typed:
-            if not isinstance(value, dict):
-                raise HttpError(400, "bad_request", f"{label}: a record must be an object")
-            if is_json:
-                out[key] = {f: _unwrap_json(v, f"{label} field {f!r}") for f, v in value.items()}
-            else:
-                out[key] = value
-        elif isinstance(value, str):
-            out[key] = _utf8(value, f"{label}: the value")
-        elif is_json and _is_b64_wrapper(value):
-            out[key] = _b64(value["base64"], label)
-        elif not is_json and isinstance(value, bytes):
-            out[key] = value
-        else:
-            shape = 'a string or {"base64": ...}' if is_json else "bin or a string"
-            raise HttpError(400, "bad_request", f"{label}: an opaque value must be {shape}")
-    return out
-
-
 def _epoch(raw: Any, name: str) -> bytes:
     if isinstance(raw, bytes) and len(raw) == EPOCH_BYTES:
         return raw
@@ -1042,7 +966,7 @@ def _epoch(raw: Any, name: str) -> bytes:
 
 def _dataset_spec(doc: Any) -> DatasetSpec:
     """The body of ``POST /v1/datasets`` as a DatasetSpec (see docs/api.md)."""
-    doc = _obj(
+    doc = check_object(
         doc,
         "dataset",
         ("name", "schema", "opaque", "merkle", "queue", "max_value_bytes", "compress"),
@@ -1063,13 +987,13 @@ def _dataset_spec(doc: Any) -> DatasetSpec:
         schema = Schema.from_json(raw_schema)
     kwargs: dict[str, Any] = {}
     if "merkle" in doc:
-        merkle = _obj(doc["merkle"], "merkle", ("fanout", "depth"))
+        merkle = check_object(doc["merkle"], "merkle", ("fanout", "depth"))
         kwargs["geometry"] = Geometry(
             _int(merkle.get("fanout", 16), "merkle.fanout", 2),
             _int(merkle.get("depth", 4), "merkle.depth", 1),
         )
     if "queue" in doc:
-        queue = _obj(doc["queue"], "queue", ("max_entries", "policy"))
+        queue = check_object(doc["queue"], "queue", ("max_entries", "policy"))
         if "max_entries" in queue:
             kwargs["max_entries"] = _int(queue["max_entries"], "queue.max_entries", 1)
         if "policy" in queue:

@@ -88,6 +88,38 @@ class DatasetInfo:
 
 
 @dataclass(frozen=True)
+class EncodingBasis:
+    """What encoding a dataset's records needs, as of its last commit: the
+    definition replicas receive (schemas, dictionary, value limit; see
+    docs/FORMAT.md) at ``meta_revision``, and whether records are compressed."""
+
+    dataset: str
+    meta_revision: int
+    definition: bytes
+    compress: bool
+
+
+@dataclass(frozen=True)
+class PreEncoded:
+    """Records of a write batch encoded before its commit, outside the
+    committer (by an ingest worker, :mod:`replicad.ingest`).
+
+    ``records`` maps every upserted key, in body order, to its canonical
+    bytes, or to None for a record the worker left to the committer (one
+    with a string new to the dictionary, or one that fails to encode: the
+    committer raises its error). The encoding used the dataset's definition
+    at ``meta_revision`` with schema version ``schema_version``: the store
+    accepts it while that version is still the latest (the dictionary only
+    grows, so codes of an older revision stay valid) and raises
+    StaleEncodingError otherwise.
+    """
+
+    meta_revision: int
+    schema_version: int
+    records: Mapping[bytes, bytes | None]
+
+
+@dataclass(frozen=True)
 class WriteBatch:
     """One write batch: becomes one version when committed.
 
@@ -95,12 +127,16 @@ class WriteBatch:
     typed dataset) or to value bytes (opaque). With ``replace``, the batch is
     the whole dataset: keys absent from it are deleted, and only changed and
     deleted keys are published (``deletes`` must then be empty).
+
+    With ``pre_encoded``, most records arrive as canonical bytes there and
+    ``upserts`` holds only those the pre-encoding left to the committer.
     """
 
     dataset: str
     upserts: Mapping[bytes, Any]
     deletes: Sequence[bytes] = ()
     replace: bool = False
+    pre_encoded: PreEncoded | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Theory of operation
 :func:`serve` owns everything for its lifetime, in this order::
 
     OriginStore (LMDB)  ->  OriginService (group committer in a nursery)
+                        ->  IngestPool (worker processes for large bodies)
                         ->  OriginApp (ASGI)  ->  hypercorn (TCP or unix, TLS)
 
 It returns when ``shutdown_trigger`` returns (or is cancelled): the app's hint
@@ -36,6 +37,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from replicad.config import OriginConfig, check_tls_files, load
 from replicad.errors import ReplicadError
 from replicad.http_app import DEFAULT_PING_INTERVAL, OriginApp
+from replicad.ingest_pool import IngestPool, open_ingest_pool
 from replicad.logs import setup_logging
 from replicad.service import OriginService
 from replicad.store import OriginStore
@@ -89,57 +91,83 @@ async def serve(
     service: OriginService | None = None
     try:
         service = OriginService(store, group_commit_max=config.group_commit_max)
-        app = OriginApp(
-            service,
-            write_tokens=config.write_tokens,
-            read_tokens=config.read_tokens,
-            max_body_bytes=config.max_body_mb << 20,
-            ping_interval=ping_interval,
-        )
-        if not config.auth_enabled:
-            log.warning("no tokens configured: authentication is off")
-        if not config.durable:
-            log.warning("durable = false: commits are not fsynced")
-
-        async def trigger() -> None:
-            try:
-                if shutdown_trigger is None:
-                    await trio.sleep_forever()
-                else:
-                    await shutdown_trigger()
-            finally:
-                log.info("shutting down")
-                app.shutdown()
-
-        async with trio.open_nursery() as committer:
-            await committer.start(service.run)
-            async with trio.open_nursery() as server:
-                binds: list[str] = await server.start(
-                    partial(
-                        hypercorn_serve,
-                        cast(Any, app),
-                        hypercorn_config(config),
-                        shutdown_trigger=trigger,
-                    )
-                )
-                log.info(
-                    "listening",
-                    extra={
-                        "address": binds[0] if binds else config.listen.bind(),
-                        "tls": config.tls_cert is not None,
-                        "datasets": len(service.datasets()),
-                    },
-                )
-                task_status.started(binds)
-            # Hypercorn returned: the trigger fired and in-flight requests
-            # finished (their writes committed); now stop the committer.
-            committer.cancel_scope.cancel()
+        # the workers outlive hypercorn: a request in flight at shutdown
+        # still gets its body encoded and committed
+        async with open_ingest_pool(
+            config.ingest_workers, config.ingest_offload_kb << 10
+        ) as ingest:
+            await _serve_app(
+                config,
+                service,
+                ingest,
+                shutdown_trigger=shutdown_trigger,
+                ping_interval=ping_interval,
+                task_status=task_status,
+            )
     finally:
         if service is not None:
             service.close()
         else:
             store.close()
         log.info("stopped")
+
+
+async def _serve_app(
+    config: OriginConfig,
+    service: OriginService,
+    ingest: IngestPool | None,
+    *,
+    shutdown_trigger: ShutdownTrigger | None,
+    ping_interval: float,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """The app and hypercorn over ``service``, until the trigger fires."""
+    app = OriginApp(
+        service,
+        write_tokens=config.write_tokens,
+        read_tokens=config.read_tokens,
+        max_body_bytes=config.max_body_mb << 20,
+        ping_interval=ping_interval,
+        ingest=ingest,
+    )
+    if not config.auth_enabled:
+        log.warning("no tokens configured: authentication is off")
+    if not config.durable:
+        log.warning("durable = false: commits are not fsynced")
+
+    async def trigger() -> None:
+        try:
+            if shutdown_trigger is None:
+                await trio.sleep_forever()
+            else:
+                await shutdown_trigger()
+        finally:
+            log.info("shutting down")
+            app.shutdown()
+
+    async with trio.open_nursery() as committer:
+        await committer.start(service.run)
+        async with trio.open_nursery() as server:
+            binds: list[str] = await server.start(
+                partial(
+                    hypercorn_serve,
+                    cast(Any, app),
+                    hypercorn_config(config),
+                    shutdown_trigger=trigger,
+                )
+            )
+            log.info(
+                "listening",
+                extra={
+                    "address": binds[0] if binds else config.listen.bind(),
+                    "tls": config.tls_cert is not None,
+                    "datasets": len(service.datasets()),
+                },
+            )
+            task_status.started(binds)
+        # Hypercorn returned: the trigger fired and in-flight requests
+        # finished (their writes committed); now stop the committer.
+        committer.cancel_scope.cancel()
 
 
 async def _serve_until_signal(config: OriginConfig, ping_interval: float) -> None:

@@ -45,7 +45,14 @@ from replicad.messages import (
     SnapshotRequest,
 )
 from replicad.metrics import Registry
-from replicad.origin_types import DatasetInfo, DatasetSpec, FleetEntry, WriteBatch, WriteResult
+from replicad.origin_types import (
+    DatasetInfo,
+    DatasetSpec,
+    EncodingBasis,
+    FleetEntry,
+    WriteBatch,
+    WriteResult,
+)
 from replicad.responder import ResponderConfig
 from replicad.schema import Schema
 from replicad.store import OriginStore
@@ -180,6 +187,9 @@ class OriginService:
 
     def codec(self, name: str) -> DatasetCodec:
         return self.store.codec(name)
+
+    def encoding_basis(self, name: str) -> EncodingBasis:
+        return self.store.encoding_basis(name)
 
     async def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
         info = await trio.to_thread.run_sync(self.store.create_dataset, spec)

@@ -71,6 +71,7 @@ from replicad.errors import (
     MapFullError,
     MerkleError,
     ReplicadError,
+    StaleEncodingError,
     StorageError,
     UnknownDatasetError,
 )
@@ -91,6 +92,7 @@ from replicad.messages import (
 from replicad.origin_types import (
     DatasetInfo,
     DatasetSpec,
+    EncodingBasis,
     WriteBatch,
     WriteResult,
     check_dataset_name,
@@ -540,6 +542,15 @@ class OriginStore:
     def codec(self, name: str) -> DatasetCodec:
         return self._dataset(name).codec
 
+    def encoding_basis(self, name: str) -> EncodingBasis:
+        """What an ingest worker needs to encode records of ``name`` the way
+        :meth:`commit` would: the committed definition (schemas and
+        dictionary, never codes of a write still in flight) and its revision.
+        Raises UnknownDatasetError."""
+        ds = self._dataset(name)
+        blob = ds.meta_blob  # one object: revision and body always agree
+        return EncodingBasis(name, blob.revision, blob.body, ds.spec.compress)
+
     def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
         """Create an empty dataset at version 0 of a new epoch.
 
@@ -702,6 +713,17 @@ class OriginStore:
         if batch.replace and deletes:
             raise BadRequestError("a replace batch lists the whole dataset; it has no deletes")
         encoded: dict[bytes, bytes] = {}
+        pre = batch.pre_encoded
+        if pre is not None:
+            if pre.schema_version != len(ds.schemas) or pre.meta_revision > ds.meta_revision:
+                raise StaleEncodingError(
+                    f"dataset {ds.name!r}: encoded with schema version {pre.schema_version} "
+                    f"(definition revision {pre.meta_revision}); the latest is "
+                    f"{len(ds.schemas)} (revision {ds.meta_revision})"
+                )
+            # None marks the records left in batch.upserts; filled in below,
+            # so the batch keeps its body order
+            encoded = dict(pre.records)  # type: ignore[arg-type]
         mark = ds.codec.dictionary.size
         try:
             for key, record in batch.upserts.items():
@@ -712,6 +734,8 @@ class OriginStore:
                     if not isinstance(record, bytes | bytearray | memoryview):
                         raise BadRequestError(f"opaque dataset {ds.name!r}: values must be bytes")
                     encoded[key] = ds.codec.encode_opaque(bytes(record))
+            if pre is not None and (len(encoded) != len(pre.records) or None in encoded.values()):
+                raise BadRequestError("pre-encoded records and upserts do not match")
         except ReplicadError:
             ds.codec.dictionary.truncate(mark)
             raise

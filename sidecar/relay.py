@@ -47,7 +47,14 @@ from replicad.messages import (
     SnapshotRequest,
 )
 from replicad.metrics import Registry
-from replicad.origin_types import DatasetInfo, DatasetSpec, FleetEntry, WriteBatch, WriteResult
+from replicad.origin_types import (
+    DatasetInfo,
+    DatasetSpec,
+    EncodingBasis,
+    FleetEntry,
+    WriteBatch,
+    WriteResult,
+)
 from replicad.relay_history import RelayHistory
 from replicad.replica import Apply
 from replicad.responder import ResponderConfig, respond, snapshot_chunk
@@ -172,6 +179,9 @@ class RelayService:
         raise AuthError(READ_ONLY, status=403)
 
     async def reset_history(self, name: str) -> DatasetInfo:
+        raise AuthError(READ_ONLY, status=403)
+
+    def encoding_basis(self, name: str) -> EncodingBasis:
         raise AuthError(READ_ONLY, status=403)
 
     async def write(self, batch: WriteBatch) -> WriteResult:

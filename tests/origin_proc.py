@@ -52,6 +52,7 @@ class OriginProcess(ManagedProcess):
         durable: bool = True,
         ping_interval: float | None = None,
         start_timeout: float = 15.0,
+        extra_config: str = "",
     ) -> None:
         self.workdir = Path(workdir)
         super().__init__(self.workdir / "origin.log")
@@ -63,6 +64,7 @@ class OriginProcess(ManagedProcess):
         self.durable = durable
         self.ping_interval = ping_interval
         self.start_timeout = start_timeout
+        self.extra_config = extra_config
         self.port = 0
 
     @property
@@ -71,7 +73,9 @@ class OriginProcess(ManagedProcess):
 
     def __enter__(self) -> OriginProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n")
+        self.config_path.write_text(
+            f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n{self.extra_config}\n"
+        )
         try:
             self.start()
         except BaseException:

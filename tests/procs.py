@@ -22,6 +22,13 @@ class ManagedProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def proc_pid(self) -> int:
+        """The running process's pid; RuntimeError if it is not running."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.what} is not running")
+        return self.proc.pid
+
     def spawn(
         self,
         cmd: Sequence[str],

@@ -1,0 +1,91 @@
+"""Ingest worker processes: large write bodies decoded and encoded beside
+the origin process (the trio adapter around :mod:`replicad.ingest`).
+
+Workers are ``trio_parallel`` processes (spawned, so they share nothing with
+the origin but the code), started on the first large body and retired after
+ten idle minutes. Each job carries the dataset's committed definition, so a
+worker needs no other state; it keeps a codec per dataset and revision.
+
+A worker that dies (killed, out of memory) fails only the job it ran: the
+body is then decoded in the origin process, as with no workers, and the
+next job starts a fresh worker. If the origin is killed, its workers see
+their pipe close and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio_parallel
+
+from replicad.http_body import HttpError
+from replicad.ingest import prepare_write
+from replicad.origin_types import EncodingBasis, WriteBatch
+
+__all__ = ["IngestPool", "open_ingest_pool"]
+
+log = logging.getLogger("replicad.ingest")
+
+IDLE_TIMEOUT = 600.0
+"""Seconds an idle worker waits for a job before it exits."""
+
+
+class IngestPool:
+    """Runs :func:`replicad.ingest.prepare_write` in up to ``workers``
+    processes at once; bodies below ``min_bytes`` are not worth the trip."""
+
+    def __init__(self, context: trio_parallel.WorkerContext, workers: int, min_bytes: int) -> None:
+        self._context = context
+        self._limiter = trio.CapacityLimiter(workers)
+        self.workers = workers
+        self.min_bytes = min_bytes
+
+    def wants(self, body: bytes) -> bool:
+        """Whether ``body`` is large enough to go to a worker."""
+        return len(body) >= self.min_bytes
+
+    async def prepare(
+        self, basis: EncodingBasis, body: bytes, is_json: bool, replace: bool
+    ) -> WriteBatch | None:
+        """The pre-encoded batch of ``body``, or None if no worker could do
+        it (the caller then decodes in process). Raises
+        :class:`~replicad.http_body.HttpError` for a malformed body."""
+        try:
+            batch: WriteBatch = await self._context.run_sync(
+                prepare_write,
+                basis,
+                body,
+                is_json,
+                replace,
+                limiter=self._limiter,
+                kill_on_cancel=True,
+            )
+        except HttpError:
+            raise
+        except (trio_parallel.BrokenWorkerError, trio.ClosedResourceError) as exc:
+            log.warning("ingest worker failed; decoding in process", extra={"error": repr(exc)})
+            return None
+        except Exception:  # a bug in the worker: keep serving, but say so
+            log.exception("ingest worker raised; decoding in process")
+            return None
+        return batch
+
+
+@asynccontextmanager
+async def open_ingest_pool(workers: int, min_bytes: int) -> AsyncIterator[IngestPool | None]:
+    """An :class:`IngestPool` for the ``async with`` block (None when
+    ``workers`` is 0). Leaving the block waits for running jobs, then stops
+    the workers (killing any that do not exit within a few seconds)."""
+    if workers <= 0:
+        yield None
+        return
+    try:
+        async with trio_parallel.open_worker_context(
+            idle_timeout=IDLE_TIMEOUT, grace_period=5.0
+        ) as context:
+            yield IngestPool(context, workers, max(1, min_bytes))
+    except trio_parallel.BrokenWorkerError as exc:  # a worker had to be killed at exit
+        log.warning("ingest worker did not stop in time", extra={"error": repr(exc)})

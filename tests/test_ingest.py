@@ -1,0 +1,514 @@
+"""Write bodies decoded and encoded by ingest workers (``replicad/ingest.py``,
+``replicad/ingest_pool.py``): the same bytes, the same errors and the same
+dataset as encoding in the committer; and real worker processes behind a
+real origin, which survive a killed worker and never outlive the origin."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pickle
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+import trio
+import trio_parallel
+
+from replicad.errors import (
+    BadRequestError,
+    FieldTypeError,
+    ReplicadError,
+    StaleEncodingError,
+    UnknownFieldError,
+)
+from replicad.http_app import OriginApp
+from replicad.http_body import HttpError, decode_document, parse_batch
+from replicad.ingest import codec_for, prepare_write
+from replicad.ingest_pool import IngestPool
+from replicad.origin_types import (
+    DatasetSpec,
+    EncodingBasis,
+    PreEncoded,
+    WriteBatch,
+    WriteResult,
+)
+from replicad.sample import seed_like_record, seed_like_schema
+from replicad.schema import Field, FieldType
+from replicad.service import OriginService
+from replicad.store import OriginStore
+from tests.origin_proc import OriginProcess
+
+SCHEMA = seed_like_schema()
+
+
+def key(i: int) -> bytes:
+    return b"user:%06d" % i
+
+
+def records(start: int, n: int, *, new_cities: int = 0) -> dict[bytes, dict[str, Any]]:
+    """Seed-like records; the first ``new_cities`` get a city the dictionary
+    has never seen (so a worker must leave them to the committer)."""
+    out = {key(i): seed_like_record(i) for i in range(start, start + n)}
+    for j, rec in enumerate(out.values()):
+        if j >= new_cities:
+            break
+        rec["city"] = f"new-city-{start}-{j}"
+    return out
+
+
+def body(upserts: dict[bytes, Any], deletes: list[bytes] | None = None) -> bytes:
+    doc: dict[str, Any] = {"upserts": upserts}
+    if deletes:
+        doc["deletes"] = deletes
+    out: bytes = msgpack.packb(doc, use_bin_type=True)
+    return out
+
+
+def ok(result: WriteResult | ReplicadError) -> WriteResult:
+    assert isinstance(result, WriteResult), result
+    return result
+
+
+def same(a: WriteResult | ReplicadError, b: WriteResult | ReplicadError) -> bool:
+    """The same outcome in two stores (whose epochs differ)."""
+    x, y = ok(a), ok(b)
+    return (x.cursor.version, x.digest, x.upserted, x.deleted, x.unchanged) == (
+        y.cursor.version,
+        y.digest,
+        y.upserted,
+        y.deleted,
+        y.unchanged,
+    )
+
+
+def answer(resp: httpx.Response) -> dict[str, Any]:
+    doc: dict[str, Any] = resp.json()
+    doc.pop("epoch", None)
+    return doc
+
+
+def open_store(path: Path, schema: Any = SCHEMA) -> OriginStore:
+    store = OriginStore(path, durable=False, map_size=64 << 20)
+    store.create_dataset(DatasetSpec("up", schema))
+    return store
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[OriginStore, OriginStore]]:
+    """Two stores given the same writes: ``plain`` encodes in the committer,
+    ``pre`` commits what :func:`prepare_write` made."""
+    plain, pre = open_store(tmp_path / "plain"), open_store(tmp_path / "pre")
+    yield plain, pre
+    plain.close()
+    pre.close()
+
+
+def write_both(
+    plain: OriginStore, pre: OriginStore, raw: bytes, *, replace: bool = False
+) -> tuple[WriteResult | ReplicadError, WriteResult | ReplicadError, WriteBatch]:
+    doc = decode_document(raw, False)
+    if replace:
+        batch = WriteBatch("up", doc["records"], (), replace=True)
+    else:
+        upserts, deletes = parse_batch(doc, True, False)
+        batch = WriteBatch("up", upserts, deletes)
+    prepared = prepare_write(pre.encoding_basis("up"), raw, False, replace)
+    return plain.commit([batch])[0], pre.commit([prepared])[0], prepared
+
+
+def assert_same(plain: OriginStore, pre: OriginStore, keys: list[bytes]) -> None:
+    assert plain.info("up").digest == pre.info("up").digest
+    assert plain.info("up").cursor.version == pre.info("up").cursor.version
+    assert plain.codec("up").dictionary.to_json() == pre.codec("up").dictionary.to_json()
+    for k in keys:
+        assert plain.get("up", k)[0] == pre.get("up", k)[0], k
+
+
+# ------------------------------------------------------------- same bytes
+
+
+def test_pre_encoded_batches_give_the_same_dataset(
+    pair: tuple[OriginStore, OriginStore],
+) -> None:
+    plain, pre = pair
+    first = records(0, 500)
+    a, b, prepared = write_both(plain, pre, body(first))
+    assert same(a, b)
+    assert prepared.pre_encoded is not None
+    # the empty dictionary of a new dataset: records with strings are left
+    assert len(prepared.upserts) == len(first)
+
+    # now the dictionary knows the cities: only the 7 new ones are left
+    second = records(400, 600, new_cities=7)
+    a, b, prepared = write_both(plain, pre, body(second, deletes=[key(3), key(4)]))
+    assert same(a, b)
+    assert prepared.pre_encoded is not None
+    assert list(prepared.upserts) == list(second)[:7]
+    assert list(prepared.pre_encoded.records) == list(second)  # body order kept
+    # keys 400..499 were written before: 93 the same, 7 with a new city
+    assert (ok(b).upserted, ok(b).unchanged, ok(b).deleted) == (507, 93, 2)
+    assert_same(plain, pre, [key(i) for i in range(1000)])
+
+    # a replace batch: the whole dataset, changed keys only published
+    whole = records(0, 300)
+    whole[key(5)]["age"] = 99
+    raw = msgpack.packb({"records": whole}, use_bin_type=True)
+    a, b, _ = write_both(plain, pre, raw, replace=True)
+    assert same(a, b)
+    assert_same(plain, pre, [key(i) for i in range(1000)])
+
+
+def test_an_older_definition_still_encodes_validly(
+    pair: tuple[OriginStore, OriginStore],
+) -> None:
+    """Codes only ever get added: an encoding made before other writes grew
+    the dictionary (a newer definition revision) is still the canonical one."""
+    plain, pre = pair
+    ok(plain.commit([WriteBatch("up", records(0, 50))])[0])
+    ok(pre.commit([WriteBatch("up", records(0, 50))])[0])
+    basis = pre.encoding_basis("up")
+    raw = body(records(100, 50))
+    prepared = prepare_write(basis, raw, False, False)
+    grow = WriteBatch("up", records(200, 5, new_cities=5))
+    ok(plain.commit([grow])[0])
+    ok(pre.commit([grow])[0])
+    assert pre.encoding_basis("up").meta_revision > basis.meta_revision
+    a = plain.commit([WriteBatch("up", records(100, 50))])[0]
+    b = pre.commit([prepared])[0]
+    assert same(a, b)
+    assert_same(plain, pre, [key(i) for i in range(300)])
+
+
+def test_the_worker_codec_keeps_the_committed_dictionary(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        ok(store.commit([WriteBatch("up", records(0, 20))])[0])
+        basis = store.encoding_basis("up")
+        before = codec_for(basis).dictionary.to_json()
+        prepared = prepare_write(basis, body(records(50, 20, new_cities=10)), False, False)
+        assert len(prepared.upserts) == 10
+        assert codec_for(basis).dictionary.to_json() == before
+        assert codec_for(basis) is codec_for(basis)  # cached per revision
+    finally:
+        store.close()
+
+
+def test_opaque_datasets_and_json_bodies(tmp_path: Path) -> None:
+    stores = []
+    for name in ("plain", "pre"):
+        s = OriginStore(tmp_path / name, durable=False, map_size=16 << 20)
+        s.create_dataset(DatasetSpec("up", None, compress=True))
+        stores.append(s)
+    plain, pre = stores
+    try:
+        doc = {
+            "upserts": {
+                "a": "text value " * 40,  # long enough to be compressed
+                "b": {"base64": "AAEC/w=="},
+                "é": "",
+            },
+            "deletes": ["gone"],
+        }
+        raw = json.dumps(doc).encode()
+        upserts, deletes = parse_batch(decode_document(raw, True), False, True)
+        prepared = prepare_write(pre.encoding_basis("up"), raw, True, False)
+        assert prepared.upserts == {}  # opaque values never wait for a dictionary
+        assert same(
+            plain.commit([WriteBatch("up", upserts, deletes)])[0], pre.commit([prepared])[0]
+        )
+        for k in (b"a", b"b", "é".encode()):
+            assert plain.get("up", k)[0] == pre.get("up", k)[0]
+        assert pre.get("up", b"b")[0] is not None
+    finally:
+        plain.close()
+        pre.close()
+
+
+# ------------------------------------------------------------- same errors
+
+
+def test_a_bad_record_fails_the_batch_with_the_same_error(
+    pair: tuple[OriginStore, OriginStore],
+) -> None:
+    plain, pre = pair
+    ok(plain.commit([WriteBatch("up", records(0, 300))])[0])  # every city known
+    ok(pre.commit([WriteBatch("up", records(0, 300))])[0])
+    bad = records(1000, 40)
+    list(bad.values())[12]["age"] = "old"  # the first bad record...
+    list(bad.values())[30]["colour"] = "red"  # ...and a later one
+    a, b, prepared = write_both(plain, pre, body(bad))
+    assert isinstance(a, FieldTypeError) and isinstance(b, FieldTypeError)
+    assert str(a) == str(b)
+    assert list(prepared.upserts) == [list(bad)[12], list(bad)[30]]
+    assert pre.info("up").cursor.version == plain.info("up").cursor.version == 1
+    assert pre.get("up", key(1000))[0] is None
+    # the later error alone, also the same
+    del bad[list(bad)[12]]
+    a, b, _ = write_both(plain, pre, body(bad))
+    assert isinstance(a, UnknownFieldError) and str(a) == str(b)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xc1 not msgpack",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"upserts": [1]}),
+        msgpack.packb({"upserts": {}, "extra": 1}),
+        msgpack.packb({"upserts": {b"k": 5}}),
+        msgpack.packb({"upserts": {5: {}}}),
+        msgpack.packb({"upserts": {b"k": {"age": 1}}, "deletes": [b"k"]}, use_bin_type=True),
+        msgpack.packb({"deletes": "k"}),
+    ],
+)
+def test_malformed_bodies_get_the_in_process_message(tmp_path: Path, raw: bytes) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        with pytest.raises(HttpError) as in_process:
+            parse_batch(decode_document(raw, False), True, False)
+        with pytest.raises(HttpError) as in_worker:
+            prepare_write(store.encoding_basis("up"), raw, False, False)
+        assert in_worker.value.status == in_process.value.status == 400
+        assert in_worker.value.message == in_process.value.message
+        again = pickle.loads(pickle.dumps(in_worker.value))  # crosses processes
+        assert (again.status, again.code, again.message) == (400, "bad_request", again.message)
+        assert again.message == in_process.value.message
+    finally:
+        store.close()
+
+
+def test_an_evolved_schema_makes_the_encoding_stale(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        ok(store.commit([WriteBatch("up", records(0, 10))])[0])
+        prepared = prepare_write(store.encoding_basis("up"), body(records(20, 10)), False, False)
+        evolved = SCHEMA.evolve([Field("score", FieldType.FLOAT, nullable=True)])
+        store.evolve_schema("up", evolved)
+        result = store.commit([prepared])[0]
+        assert isinstance(result, StaleEncodingError)
+        assert "schema version 1" in str(result)
+        assert store.info("up").cursor.version == 1
+        assert store.get("up", key(20))[0] is None
+    finally:
+        store.close()
+
+
+def test_pre_encoded_records_must_match_the_upserts(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        basis = store.encoding_basis("up")
+        missing = PreEncoded(basis.meta_revision, 1, {b"k": None})  # never filled in
+        result = store.commit([WriteBatch("up", {}, (), pre_encoded=missing)])[0]
+        assert isinstance(result, BadRequestError)
+        extra = PreEncoded(basis.meta_revision, 1, {})
+        result = store.commit(
+            [WriteBatch("up", {b"k": seed_like_record(1)}, (), pre_encoded=extra)]
+        )[0]
+        assert isinstance(result, BadRequestError)
+        assert store.info("up").cursor.version == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_garbage_collection_is_left_as_it_was(tmp_path: Path, enabled: bool) -> None:
+    store = open_store(tmp_path / "s")
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        prepare_write(store.encoding_basis("up"), body(records(0, 5)), False, False)
+        assert gc.isenabled() is enabled
+        (gc.enable if enabled else gc.disable)()
+        with pytest.raises(HttpError):
+            prepare_write(store.encoding_basis("up"), b"\xc1", False, False)
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+        store.close()
+
+
+async def test_a_schema_evolved_during_the_encoding_is_encoded_again(tmp_path: Path) -> None:
+    """The worker encodes with schema version 1; the schema evolves before
+    the commit; the store refuses the stale bytes and the app encodes the
+    body again in process (the write succeeds, at version 2)."""
+    store = OriginStore(tmp_path / "s", durable=False, map_size=64 << 20)
+    service = OriginService(store)
+    evolved = SCHEMA.evolve([Field("score", FieldType.FLOAT, nullable=True)])
+
+    class EvolvingPool(IngestPool):
+        async def prepare(
+            self, basis: EncodingBasis, body: bytes, is_json: bool, replace: bool
+        ) -> WriteBatch | None:
+            batch = await super().prepare(basis, body, is_json, replace)
+            await service.evolve_schema("up", evolved)
+            return batch
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            await service.create_dataset(DatasetSpec("up", SCHEMA))
+            ok(await service.write(WriteBatch("up", records(0, 300))))
+            async with trio_parallel.open_worker_context() as context:
+                app = OriginApp(service, ingest=EvolvingPool(context, 1, 1))
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                    resp = await client.post(
+                        "/v1/datasets/up/batch",
+                        content=body(records(1000, 50)),
+                        headers={"content-type": "application/msgpack"},
+                    )
+            nursery.cancel_scope.cancel()
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["version"] == 2
+        metrics = service.registry.render()
+        assert 'replicad_ingest_jobs_total{outcome="fallback"} 1' in metrics
+        raw, _ = store.get("up", key(1000))
+        assert raw == store.codec("up").encode(records(1000, 1)[key(1000)])  # version 2
+        assert store.codec("up").schema == evolved
+    finally:
+        service.close()
+
+
+# ------------------------------------------------------------- real processes
+
+
+def workers(pid: int) -> list[int]:
+    """The live worker processes of the origin ``pid`` (from /proc; its
+    other child is multiprocessing's resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(cond: Any, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
+def ingest_jobs(client: httpx.Client, outcome: str) -> float:
+    text = client.get("/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f'replicad_ingest_jobs_total{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def post_batch(client: httpx.Client, raw: bytes) -> httpx.Response:
+    return client.post(
+        "/v1/datasets/up/batch", content=raw, headers={"content-type": "application/msgpack"}
+    )
+
+
+@pytest.fixture
+def origins(tmp_path: Path) -> Iterator[tuple[OriginProcess, OriginProcess]]:
+    """An origin sending every body of 1 KiB or more to a worker, and one
+    without workers."""
+    with (
+        OriginProcess(
+            tmp_path / "workers",
+            max_body_mb=8,
+            extra_config="ingest_workers = 1\ningest_offload_kb = 1",
+        ) as pooled,
+        OriginProcess(tmp_path / "none", max_body_mb=8, extra_config="ingest_workers = 0") as solo,
+    ):
+        for origin in (pooled, solo):
+            httpx.post(
+                origin.base_url + "/v1/datasets",
+                json={"name": "up", "schema": SCHEMA.to_json()},
+            ).raise_for_status()
+        yield pooled, solo
+
+
+def test_an_origin_with_workers_commits_what_one_without_does(
+    origins: tuple[OriginProcess, OriginProcess],
+) -> None:
+    pooled, solo = origins
+    with (
+        httpx.Client(base_url=pooled.base_url, timeout=60) as p,
+        httpx.Client(base_url=solo.base_url, timeout=60) as s,
+    ):
+        # two bodies of ~700 KB for the worker, one of ~350 bytes kept in process
+        batches = [records(0, 2000), records(1500, 2000, new_cities=3), records(4000, 1)]
+        for batch in batches:
+            raw = body(batch, deletes=[key(1), key(999_999)] if len(batch) == 1 else None)
+            a, b = post_batch(p, raw), post_batch(s, raw)
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            assert answer(a) == answer(b)
+        assert ingest_jobs(p, "encoded") == 2
+        assert ingest_jobs(s, "encoded") == 0
+        assert len(workers(pooled.proc_pid)) == 1  # the one worker
+        assert workers(solo.proc_pid) == []
+
+        bad = records(9000, 2000)
+        list(bad.values())[1500]["age"] = "old"
+        for raw in (body(bad), b"\xc1" * 5000, msgpack.packb({"upserts": [0] * 3000})):
+            a, b = post_batch(p, raw), post_batch(s, raw)
+            assert a.status_code == b.status_code == 400
+            assert a.json() == b.json()
+        for client in (p, s):
+            info = client.get("/v1/datasets/up").json()
+            assert info["version"] == 3
+        assert (
+            p.get("/v1/datasets/up").json()["digest"] == s.get("/v1/datasets/up").json()["digest"]
+        )
+
+
+def test_a_killed_worker_costs_no_write_and_workers_end_with_the_origin(
+    origins: tuple[OriginProcess, OriginProcess],
+) -> None:
+    pooled, _ = origins
+    with httpx.Client(base_url=pooled.base_url, timeout=60) as p:
+        assert post_batch(p, body(records(0, 1000))).status_code == 200
+        (worker,) = workers(pooled.proc_pid)
+        os.kill(worker, signal.SIGKILL)
+        assert wait_until(lambda: not alive(worker))
+        for i in range(3):
+            r = post_batch(p, body(records(1000 * (i + 1), 1000)))
+            assert r.status_code == 200, r.text
+        assert p.get("/v1/datasets/up").json()["records"] == 4000
+        assert ingest_jobs(p, "encoded") + ingest_jobs(p, "fallback") == 4
+        assert ingest_jobs(p, "encoded") >= 2  # a new worker took over
+        (new_worker,) = workers(pooled.proc_pid)
+    pooled.kill9()  # no shutdown work at all: the worker must notice alone
+    assert wait_until(lambda: not alive(new_worker), timeout=20)
+
+
+def test_a_graceful_stop_ends_the_workers(
+    origins: tuple[OriginProcess, OriginProcess],
+) -> None:
+    pooled, _ = origins
+    with httpx.Client(base_url=pooled.base_url, timeout=60) as p:
+        assert post_batch(p, body(records(0, 1000))).status_code == 200
+        (worker,) = workers(pooled.proc_pid)
+    assert pooled.stop() == 0
+    assert wait_until(lambda: not alive(worker), timeout=10)
