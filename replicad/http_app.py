@@ -25,7 +25,10 @@ its settings and metrics. One request goes through these steps, in order:
 4. **Decode** JSON or msgpack by ``Content-Type`` (``415`` otherwise; no
    content type means JSON, so ``curl -d`` works), check the shape, convert
    keys and bytes (JSON: keys are strings whose UTF-8 bytes are the key,
-   bytes are ``{"base64": ...}``; msgpack: bin or str).
+   bytes are ``{"base64": ...}``; msgpack: bin or str). The rules live in
+   :mod:`replicad.http_body`. A large write body is decoded, checked and
+   encoded by an ingest worker process instead (:mod:`replicad.ingest`),
+   with the same rules and messages.
 5. **Call the service**, and map its errors to the documented status and
    code (:func:`error_response`). Anything unexpected is a ``500`` with a
    generic message and a logged traceback.

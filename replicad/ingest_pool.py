@@ -2,8 +2,9 @@
 the origin process (the trio adapter around :mod:`replicad.ingest`).
 
 Workers are ``trio_parallel`` processes (spawned, so they share nothing with
-the origin but the code), started on the first large body and retired after
-ten idle minutes. Each job carries the dataset's committed definition, so a
+the origin but the code), started in the background when the origin starts
+(:meth:`IngestPool.warm`) and retired after ten idle minutes (the next large
+body starts them again). Each job carries the dataset's committed definition, so a
 worker needs no other state; it keeps a codec per dataset and revision.
 
 A worker that dies (killed, out of memory) fails only the job it ran: the
@@ -43,6 +44,19 @@ class IngestPool:
         self.workers = workers
         self.min_bytes = min_bytes
 
+    async def warm(self) -> None:
+        """Start every worker now (each imports the codec, about a quarter
+        of a second), so that the first large body does not wait for it."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.workers):
+                nursery.start_soon(self._warm_one)
+
+    async def _warm_one(self) -> None:
+        try:
+            await self._context.run_sync(_ready, limiter=self._limiter)
+        except (trio_parallel.BrokenWorkerError, trio.ClosedResourceError) as exc:
+            log.warning("ingest worker did not start", extra={"error": repr(exc)})
+
     def wants(self, body: bytes) -> bool:
         """Whether ``body`` is large enough to go to a worker."""
         return len(body) >= self.min_bytes
@@ -72,6 +86,11 @@ class IngestPool:
             log.exception("ingest worker raised; decoding in process")
             return None
         return batch
+
+
+def _ready() -> bool:
+    """Run in a new worker: importing this module imported the codec."""
+    return True
 
 
 @asynccontextmanager

@@ -147,6 +147,8 @@ async def _serve_app(
 
     async with trio.open_nursery() as committer:
         await committer.start(service.run)
+        if ingest is not None:
+            committer.start_soon(ingest.warm)
         async with trio.open_nursery() as server:
             binds: list[str] = await server.start(
                 partial(
