@@ -84,6 +84,7 @@ from replicad.errors import (
     MerkleError,
     ProtocolError,
     RecordError,
+    ReplicadError,
     SchemaError,
     StaleEncodingError,
     StorageError,
@@ -501,9 +502,9 @@ class OriginApp:
         )
         self._m_ingest = r.counter(
             "replicad_ingest_jobs_total",
-            "Write bodies given to an ingest worker, by outcome: encoded (committed "
-            "from the worker's bytes), fallback (the worker failed or the schema "
-            "changed meanwhile: encoded again in process).",
+            "Write bodies given to an ingest worker, by outcome: committed (from the "
+            "worker's bytes), rejected (a 4xx), fallback (the worker failed or the "
+            "schema changed meanwhile: decoded again in process).",
             ["outcome"],
         )
         self._in_flight = 0
@@ -715,15 +716,17 @@ class OriginApp:
         pool = self.ingest
         if pool is not None and pool.wants(body):
             basis = self.service.encoding_basis(name)
-            batch = await pool.prepare(basis, body, is_json, replace)
-            if batch is not None:
-                try:
+            try:
+                batch = await pool.prepare(basis, body, is_json, replace)
+                if batch is not None:
                     result = await self.service.write(batch)
-                except StaleEncodingError:
-                    pass  # the schema evolved meanwhile: encode it all here
-                else:
-                    self._m_ingest.inc(1, "encoded")
+                    self._m_ingest.inc(1, "committed")
                     return result
+            except StaleEncodingError:
+                pass  # the schema evolved meanwhile: encode it all here
+            except (HttpError, ReplicadError):
+                self._m_ingest.inc(1, "rejected")
+                raise
             self._m_ingest.inc(1, "fallback")
         doc = decode_document(body, is_json)
         if replace:
