@@ -133,22 +133,6 @@ def replay_command(seed: int, seconds: float) -> str:
 # --------------------------------------------------------------------- processes
 
 
-class ConfiguredOrigin(OriginProcess):
-    """An origin process whose TOML file also carries ``extra_config`` (map
-    sizes, say), rewritten at every start so a restart can change it."""
-
-    def __init__(self, workdir: Path, *, extra_config: str = "", **kwargs: Any) -> None:
-        super().__init__(workdir, **kwargs)
-        self.extra_config = extra_config
-
-    def start(self, *, same_port: bool = False) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n{self.extra_config}\n"
-        )
-        super().start(same_port=same_port)
-
-
 class PatientSidecar(SidecarProcess):
     """A sidecar process given a minute to come up (a loaded test machine
     needs more than the fixture's 15 s)."""
@@ -639,11 +623,14 @@ class Trial:
         self.stop_writers = threading.Event()
         self.writers_may_run = threading.Event()
         self.writers_may_run.set()
-        self.origin = ConfiguredOrigin(
+        self.origin = OriginProcess(
             workdir / "origin",
             durable=True,
             max_body_mb=16,
-            extra_config="map_size_mb = 1\nmax_map_size_mb = 512\ngroup_commit_max = 64",
+            # every body of 1 KiB or more goes through an ingest worker (which
+            # is killed with the origin), smaller ones are decoded in process
+            extra_config="map_size_mb = 1\nmax_map_size_mb = 512\ngroup_commit_max = 64\n"
+            "ingest_workers = 1\ningest_offload_kb = 1",
             start_timeout=60.0,
         )
         self.proxies: list[FaultProxy] = []

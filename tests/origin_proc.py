@@ -54,6 +54,7 @@ class OriginProcess(ManagedProcess):
         start_timeout: float = 15.0,
         extra_config: str = "",
     ) -> None:
+        """``extra_config``: more lines of the TOML file (map sizes, say)."""
         self.workdir = Path(workdir)
         super().__init__(self.workdir / "origin.log")
         self.data = self.workdir / "data"
@@ -72,10 +73,6 @@ class OriginProcess(ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> OriginProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n{self.extra_config}\n"
-        )
         try:
             self.start()
         except BaseException:
@@ -105,6 +102,12 @@ class OriginProcess(ManagedProcess):
         one it had, so clients keep their URL) and wait until /healthz
         answers. Raises RuntimeError (with the log's tail) if it exits or
         times out."""
+        # the config file is written at every start, so that a restart can
+        # change ``extra_config``
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            f"max_body_mb = {self.max_body_mb}\nlog_format = 'json'\n{self.extra_config}\n"
+        )
         if not (same_port and self.port):
             self.port = free_port()
         env = dict(os.environ)

@@ -35,7 +35,7 @@ import trio
 from replicad.http_app import OriginApp
 from replicad.merkle import Digest, entry_hash
 from sidecar.reader import Reader
-from tests.chaos import ConfiguredOrigin, PatientSidecar
+from tests.chaos import PatientSidecar
 from tests.origin_proc import OriginProcess
 
 OPAQUE = b"\x12"  # header of an uncompressed opaque value (docs/FORMAT.md)
@@ -157,7 +157,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 def test_origin_full_map_is_507_writes_nothing_and_a_larger_max_recovers(tmp_path: Path) -> None:
     rng = random.Random(7)
-    origin = ConfiguredOrigin(
+    origin = OriginProcess(
         tmp_path / "origin",
         start_timeout=60,
         durable=True,
@@ -202,7 +202,7 @@ def test_origin_full_map_is_507_writes_nothing_and_a_larger_max_recovers(tmp_pat
 def test_origin_full_disk_is_507_and_recovers_when_space_returns(tmp_path: Path) -> None:
     rng = random.Random(8)
     with tmpfs(tmp_path / "disk", 4096) as disk:
-        origin = ConfiguredOrigin(
+        origin = OriginProcess(
             disk / "origin",
             start_timeout=60,
             durable=True,

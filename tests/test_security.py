@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from sidecar.reader import Reader
-from tests.chaos import ConfiguredOrigin, PatientSidecar
+from tests.chaos import PatientSidecar
 from tests.origin_proc import ROOT, OriginProcess, free_port
 
 WRITE = "wtok-secret-6c1f0e9d8b7a"
@@ -354,7 +354,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-class TLSOrigin(ConfiguredOrigin):
+class TLSOrigin(OriginProcess):
     @property
     def base_url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
