@@ -40,7 +40,11 @@ def default_ingest_workers() -> int:
     that one body's decoding overlaps another's commit even on two cores:
     about 110,000 records/s against 97,000 with one worker, measured) and at
     most four."""
-    return max(2, min(4, (os.cpu_count() or 2) - 1))
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 2
+    return max(2, min(4, cores - 1))
 
 
 def check_tls_files(cert: Path, key: Path, what: str) -> None:

@@ -96,6 +96,7 @@ from replicad.http_body import (
     HttpError,
     check_object,
     decode_document,
+    decode_write_document,
     key_text,
     parse_batch,
     parse_replace,
@@ -503,8 +504,9 @@ class OriginApp:
         self._m_ingest = r.counter(
             "replicad_ingest_jobs_total",
             "Write bodies given to an ingest worker, by outcome: committed (from the "
-            "worker's bytes), rejected (a 4xx), fallback (the worker failed or the "
-            "schema changed meanwhile: decoded again in process).",
+            "worker's bytes), rejected (refused: a 4xx, or 507 for a full store), "
+            "fallback (the worker failed or the schema changed meanwhile: decoded "
+            "again in process).",
             ["outcome"],
         )
         self._in_flight = 0
@@ -728,7 +730,7 @@ class OriginApp:
                 self._m_ingest.inc(1, "rejected")
                 raise
             self._m_ingest.inc(1, "fallback")
-        doc = decode_document(body, is_json)
+        doc = decode_write_document(body, is_json)
         if replace:
             batch = WriteBatch(name, parse_replace(doc, typed, is_json), (), replace=True)
         else:

@@ -4,13 +4,17 @@ the origin process (the trio adapter around :mod:`replicad.ingest`).
 Workers are ``trio_parallel`` processes (spawned, so they share nothing with
 the origin but the code), started in the background when the origin starts
 (:meth:`IngestPool.warm`) and retired after ten idle minutes (the next large
-body starts them again). Each job carries the dataset's committed definition, so a
-worker needs no other state; it keeps a codec per dataset and revision.
+body starts them again). Each job carries the dataset's committed
+definition, so a worker needs no other state; it keeps a codec per dataset
+and extends it as the dictionary grows.
 
 A worker that dies (killed, out of memory) fails only the job it ran: the
 body is then decoded in the origin process, as with no workers, and the
-next job starts a fresh worker. If the origin is killed, its workers see
-their pipe close and exit.
+next job starts a fresh worker; so does a job a worker refuses because it
+runs other code than the origin (:func:`replicad.ingest.encoder_tag`). A
+worker that cannot be started at all leaves every body to the origin
+process. If the origin is killed, its workers see their pipe close and
+exit.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from contextlib import asynccontextmanager
 import trio
 import trio_parallel
 
+from replicad.errors import StaleEncodingError
 from replicad.http_body import HttpError
-from replicad.ingest import prepare_write
+from replicad.ingest import encoder_tag, prepare_write
 from replicad.origin_types import EncodingBasis, WriteBatch
 
 __all__ = ["IngestPool", "open_ingest_pool"]
@@ -41,6 +46,7 @@ class IngestPool:
     def __init__(self, context: trio_parallel.WorkerContext, workers: int, min_bytes: int) -> None:
         self._context = context
         self._limiter = trio.CapacityLimiter(workers)
+        self._tag = encoder_tag()
         self.workers = workers
         self.min_bytes = min_bytes
 
@@ -54,7 +60,7 @@ class IngestPool:
     async def _warm_one(self) -> None:
         try:
             await self._context.run_sync(_ready, limiter=self._limiter)
-        except (trio_parallel.BrokenWorkerError, trio.ClosedResourceError) as exc:
+        except Exception as exc:  # OSError (a process limit, say) included
             log.warning("ingest worker did not start", extra={"error": repr(exc)})
 
     def wants(self, body: bytes) -> bool:
@@ -74,12 +80,18 @@ class IngestPool:
                 body,
                 is_json,
                 replace,
+                self._tag,
                 limiter=self._limiter,
                 kill_on_cancel=True,
             )
         except HttpError:
             raise
-        except (trio_parallel.BrokenWorkerError, trio.ClosedResourceError) as exc:
+        except (
+            trio_parallel.BrokenWorkerError,
+            trio.ClosedResourceError,
+            OSError,  # a worker that cannot be started
+            StaleEncodingError,  # a worker running other code
+        ) as exc:
             log.warning("ingest worker failed; decoding in process", extra={"error": repr(exc)})
             return None
         except Exception:  # a bug in the worker: keep serving, but say so
@@ -101,10 +113,20 @@ async def open_ingest_pool(workers: int, min_bytes: int) -> AsyncIterator[Ingest
     if workers <= 0:
         yield None
         return
+    leaving: BaseException | None = None
     try:
         async with trio_parallel.open_worker_context(
             idle_timeout=IDLE_TIMEOUT, grace_period=5.0
         ) as context:
-            yield IngestPool(context, workers, max(1, min_bytes))
-    except trio_parallel.BrokenWorkerError as exc:  # a worker had to be killed at exit
-        log.warning("ingest worker did not stop in time", extra={"error": repr(exc)})
+            try:
+                yield IngestPool(context, workers, max(1, min_bytes))
+            except BaseException as exc:
+                leaving = exc
+                raise
+    except trio_parallel.BrokenWorkerError as exc:
+        # a worker ended abnormally (killed by a signal sent to the whole
+        # process group, say) or had to be killed at exit: only worth a line,
+        # unless it would hide the error the block was leaving with
+        if leaving is not None and leaving is not exc:
+            raise leaving from None
+        log.warning("an ingest worker ended abnormally at shutdown", extra={"error": repr(exc)})

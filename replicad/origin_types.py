@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from replicad.errors import BadRequestError
+from replicad.errors import BadRequestError, ReplicadError
 from replicad.merkle import Digest, Geometry
 from replicad.messages import Cursor, DiffPush
 from replicad.schema import Schema
@@ -91,12 +91,25 @@ class DatasetInfo:
 class EncodingBasis:
     """What encoding a dataset's records needs, as of its last commit: the
     definition replicas receive (schemas, dictionary, value limit; see
-    docs/FORMAT.md) at ``meta_revision``, and whether records are compressed."""
+    docs/FORMAT.md) at ``meta_revision``, and whether records are compressed.
+    ``store`` names the store (its directory): a dataset's dictionary only
+    grows within one store, so a worker may extend the codec it has."""
 
+    store: str
     dataset: str
     meta_revision: int
     definition: bytes
     compress: bool
+
+
+@dataclass(frozen=True)
+class EncodeFailure:
+    """In place of a record an ingest worker could not encode: the error
+    the committer raises when it reaches that record (so the batch fails
+    exactly as without a worker, and the record itself does not travel
+    back)."""
+
+    error: ReplicadError
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,9 @@ class PreEncoded:
     committer (by an ingest worker, :mod:`replicad.ingest`).
 
     ``records`` maps every upserted key, in body order, to its canonical
-    bytes, or to None for a record the worker left to the committer (one
-    with a string new to the dictionary, or one that fails to encode: the
-    committer raises its error). The encoding used the dataset's definition
+    bytes, or to None for a record the worker left to the committer in the
+    batch's ``upserts``: one with a string new to the dictionary, or an
+    :class:`EncodeFailure` for one that failed to encode. The encoding used the dataset's definition
     at ``meta_revision`` with schema version ``schema_version``: the store
     accepts it while that version is still the latest (the dictionary only
     grows, so codes of an older revision stay valid) and raises

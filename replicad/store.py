@@ -92,6 +92,7 @@ from replicad.messages import (
 from replicad.origin_types import (
     DatasetInfo,
     DatasetSpec,
+    EncodeFailure,
     EncodingBasis,
     WriteBatch,
     WriteResult,
@@ -549,7 +550,7 @@ class OriginStore:
         Raises UnknownDatasetError."""
         ds = self._dataset(name)
         blob = ds.meta_blob  # one object: revision and body always agree
-        return EncodingBasis(name, blob.revision, blob.body, ds.spec.compress)
+        return EncodingBasis(str(self.path), name, blob.revision, blob.body, ds.spec.compress)
 
     def create_dataset(self, spec: DatasetSpec) -> DatasetInfo:
         """Create an empty dataset at version 0 of a new epoch.
@@ -728,6 +729,8 @@ class OriginStore:
         try:
             for key, record in batch.upserts.items():
                 check_key(key)
+                if record.__class__ is EncodeFailure:
+                    raise record.error  # found by an ingest worker, raised in order
                 if ds.schemas:
                     encoded[key] = ds.codec.encode(record)
                 else:

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio_parallel
 
+from replicad.codec import DEFAULT_DICTIONARY_ENTRIES
 from replicad.errors import (
     BadRequestError,
     FieldTypeError,
@@ -29,11 +30,12 @@ from replicad.errors import (
     UnknownFieldError,
 )
 from replicad.http_app import OriginApp
-from replicad.http_body import HttpError, decode_document, parse_batch
-from replicad.ingest import codec_for, prepare_write
+from replicad.http_body import HttpError, decode_write_document, parse_batch
+from replicad.ingest import codec_for, encoder_tag, prepare_write
 from replicad.ingest_pool import IngestPool
 from replicad.origin_types import (
     DatasetSpec,
+    EncodeFailure,
     EncodingBasis,
     PreEncoded,
     WriteBatch,
@@ -69,6 +71,11 @@ def body(upserts: dict[bytes, Any], deletes: list[bytes] | None = None) -> bytes
         doc["deletes"] = deletes
     out: bytes = msgpack.packb(doc, use_bin_type=True)
     return out
+
+
+def prep(basis: EncodingBasis, raw: bytes, is_json: bool, replace: bool) -> WriteBatch:
+    """:func:`prepare_write` with this process's encoder tag."""
+    return prepare_write(basis, raw, is_json, replace, encoder_tag())
 
 
 def ok(result: WriteResult | ReplicadError) -> WriteResult:
@@ -113,13 +120,13 @@ def pair(tmp_path: Path) -> Iterator[tuple[OriginStore, OriginStore]]:
 def write_both(
     plain: OriginStore, pre: OriginStore, raw: bytes, *, replace: bool = False
 ) -> tuple[WriteResult | ReplicadError, WriteResult | ReplicadError, WriteBatch]:
-    doc = decode_document(raw, False)
+    doc = decode_write_document(raw, False)
     if replace:
         batch = WriteBatch("up", doc["records"], (), replace=True)
     else:
         upserts, deletes = parse_batch(doc, True, False)
         batch = WriteBatch("up", upserts, deletes)
-    prepared = prepare_write(pre.encoding_basis("up"), raw, False, replace)
+    prepared = prep(pre.encoding_basis("up"), raw, False, replace)
     return plain.commit([batch])[0], pre.commit([prepared])[0], prepared
 
 
@@ -175,7 +182,7 @@ def test_an_older_definition_still_encodes_validly(
     ok(pre.commit([WriteBatch("up", records(0, 50))])[0])
     basis = pre.encoding_basis("up")
     raw = body(records(100, 50))
-    prepared = prepare_write(basis, raw, False, False)
+    prepared = prep(basis, raw, False, False)
     grow = WriteBatch("up", records(200, 5, new_cities=5))
     ok(plain.commit([grow])[0])
     ok(pre.commit([grow])[0])
@@ -189,10 +196,10 @@ def test_an_older_definition_still_encodes_validly(
 def test_the_worker_codec_keeps_the_committed_dictionary(tmp_path: Path) -> None:
     store = open_store(tmp_path / "s")
     try:
-        ok(store.commit([WriteBatch("up", records(0, 20))])[0])
+        ok(store.commit([WriteBatch("up", records(0, 300))])[0])  # every city known
         basis = store.encoding_basis("up")
         before = codec_for(basis).dictionary.to_json()
-        prepared = prepare_write(basis, body(records(50, 20, new_cities=10)), False, False)
+        prepared = prep(basis, body(records(500, 20, new_cities=10)), False, False)
         assert len(prepared.upserts) == 10
         assert codec_for(basis).dictionary.to_json() == before
         assert codec_for(basis) is codec_for(basis)  # cached per revision
@@ -217,8 +224,8 @@ def test_opaque_datasets_and_json_bodies(tmp_path: Path) -> None:
             "deletes": ["gone"],
         }
         raw = json.dumps(doc).encode()
-        upserts, deletes = parse_batch(decode_document(raw, True), False, True)
-        prepared = prepare_write(pre.encoding_basis("up"), raw, True, False)
+        upserts, deletes = parse_batch(decode_write_document(raw, True), False, True)
+        prepared = prep(pre.encoding_basis("up"), raw, True, False)
         assert prepared.upserts == {}  # opaque values never wait for a dictionary
         assert same(
             plain.commit([WriteBatch("up", upserts, deletes)])[0], pre.commit([prepared])[0]
@@ -229,6 +236,79 @@ def test_opaque_datasets_and_json_bodies(tmp_path: Path) -> None:
     finally:
         plain.close()
         pre.close()
+
+
+def test_a_full_dictionary_field_spills_the_same_on_both_paths(
+    pair: tuple[OriginStore, OriginStore],
+) -> None:
+    """Strings of a full field are stored inline. Full when the worker
+    encodes: it spills them itself; full only by the commit (the worker's
+    definition had room): it leaves the record and the committer spills."""
+    plain, pre = pair
+    cities = DEFAULT_DICTIONARY_ENTRIES
+    fill = records(0, 300)  # the sample's 14 cities
+    for i in range(cities - 16):  # all but two places taken
+        fill[key(1000 + i)] = rec = seed_like_record(i)
+        rec["city"] = f"c{i}"
+    items = list(fill.items())
+    for store in pair:
+        for start in range(0, len(items), 20_000):
+            ok(store.commit([WriteBatch("up", dict(items[start : start + 20_000]))])[0])
+    room = cities - pre.codec("up").dictionary.count("city")
+    assert room == 2
+    basis = pre.encoding_basis("up")  # the field has room in this definition
+    late = records(100_000, 10)
+    late[key(100_000)]["city"] = "brand-new"
+    prepared = prep(basis, body(late), False, False)
+    assert list(prepared.upserts) == [key(100_000)]
+    # another writer fills the field before this batch commits
+    top = {key(200_000 + i): seed_like_record(i) for i in range(room)}
+    for i, rec in enumerate(top.values()):
+        rec["city"] = f"top{i}"
+    for store in pair:
+        ok(store.commit([WriteBatch("up", top)])[0])
+        assert store.codec("up").dictionary.is_full("city")
+    a = plain.commit([WriteBatch("up", records(100_000, 10) | {key(100_000): late[key(100_000)]})])[
+        0
+    ]
+    assert same(a, pre.commit([prepared])[0])
+    # full in the worker's definition too: it spills without leaving anything
+    spilled = records(300_000, 5, new_cities=5)
+    a, b, prepared = write_both(plain, pre, body(spilled))
+    assert same(a, b) and prepared.upserts == {}
+    assert_same(plain, pre, [*fill, *top, *late, *spilled])
+
+
+def test_codecs_are_cached_per_store_and_extended_in_place(tmp_path: Path) -> None:
+    one, two = open_store(tmp_path / "one"), open_store(tmp_path / "two")
+    try:
+        ok(one.commit([WriteBatch("up", records(0, 300))])[0])
+        ok(two.commit([WriteBatch("up", records(0, 1, new_cities=1))])[0])
+        codec = codec_for(one.encoding_basis("up"))
+        other = codec_for(two.encoding_basis("up"))
+        assert codec is not other  # same dataset name, other store
+        assert other.dictionary.to_json() == two.codec("up").dictionary.to_json()
+        ok(one.commit([WriteBatch("up", records(400, 10, new_cities=4))])[0])
+        grown = one.encoding_basis("up")
+        assert codec_for(grown) is codec  # extended, not rebuilt
+        assert codec.dictionary.to_json() == one.codec("up").dictionary.to_json()
+        evolved = SCHEMA.evolve([Field("score", FieldType.FLOAT, nullable=True)])
+        one.evolve_schema("up", evolved)
+        rebuilt = codec_for(one.encoding_basis("up"))
+        assert rebuilt is not codec and rebuilt.schema == evolved
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_worker_running_other_code_refuses_the_job(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        with pytest.raises(StaleEncodingError):
+            prepare_write(store.encoding_basis("up"), body(records(0, 3)), False, False, "0" * 16)
+        assert gc.isenabled()
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------- same errors
@@ -255,6 +335,29 @@ def test_a_bad_record_fails_the_batch_with_the_same_error(
     assert isinstance(a, UnknownFieldError) and str(a) == str(b)
 
 
+def test_a_failed_record_travels_back_as_its_error(tmp_path: Path) -> None:
+    """A record the worker cannot encode is not shipped back (a deeply
+    nested one could not even be pickled); its error is, and the committer
+    raises it in its turn."""
+    store = open_store(tmp_path / "s")
+    try:
+        deep: Any = 1
+        for _ in range(900):
+            deep = [deep]
+        bad = records(0, 5)
+        list(bad.values())[2]["tags"] = deep
+        prepared = prep(store.encoding_basis("up"), body(bad), False, False)
+        failure = prepared.upserts[key(2)]
+        assert isinstance(failure, EncodeFailure)
+        assert isinstance(failure.error, FieldTypeError)
+        again = pickle.loads(pickle.dumps(prepared))  # what crosses the pipe
+        result = store.commit([again])[0]
+        assert isinstance(result, FieldTypeError) and str(result) == str(failure.error)
+        assert store.info("up").cursor.version == 0
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -272,9 +375,9 @@ def test_malformed_bodies_get_the_in_process_message(tmp_path: Path, raw: bytes)
     store = open_store(tmp_path / "s")
     try:
         with pytest.raises(HttpError) as in_process:
-            parse_batch(decode_document(raw, False), True, False)
+            parse_batch(decode_write_document(raw, False), True, False)
         with pytest.raises(HttpError) as in_worker:
-            prepare_write(store.encoding_basis("up"), raw, False, False)
+            prep(store.encoding_basis("up"), raw, False, False)
         assert in_worker.value.status == in_process.value.status == 400
         assert in_worker.value.message == in_process.value.message
         again = pickle.loads(pickle.dumps(in_worker.value))  # crosses processes
@@ -288,7 +391,7 @@ def test_an_evolved_schema_makes_the_encoding_stale(tmp_path: Path) -> None:
     store = open_store(tmp_path / "s")
     try:
         ok(store.commit([WriteBatch("up", records(0, 10))])[0])
-        prepared = prepare_write(store.encoding_basis("up"), body(records(20, 10)), False, False)
+        prepared = prep(store.encoding_basis("up"), body(records(20, 10)), False, False)
         evolved = SCHEMA.evolve([Field("score", FieldType.FLOAT, nullable=True)])
         store.evolve_schema("up", evolved)
         result = store.commit([prepared])[0]
@@ -323,11 +426,11 @@ def test_garbage_collection_is_left_as_it_was(tmp_path: Path, enabled: bool) -> 
     was = gc.isenabled()
     try:
         (gc.enable if enabled else gc.disable)()
-        prepare_write(store.encoding_basis("up"), body(records(0, 5)), False, False)
+        prep(store.encoding_basis("up"), body(records(0, 5)), False, False)
         assert gc.isenabled() is enabled
         (gc.enable if enabled else gc.disable)()
         with pytest.raises(HttpError):
-            prepare_write(store.encoding_basis("up"), b"\xc1", False, False)
+            prep(store.encoding_basis("up"), b"\xc1", False, False)
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
@@ -374,6 +477,23 @@ async def test_a_schema_evolved_during_the_encoding_is_encoded_again(tmp_path: P
         assert store.codec("up").schema == evolved
     finally:
         service.close()
+
+
+async def test_workers_that_cannot_start_leave_every_body_to_the_origin(tmp_path: Path) -> None:
+    """A process limit (EAGAIN) when a worker starts: warming up logs it,
+    a job falls back; neither takes the origin down."""
+
+    class NoProcesses:
+        async def run_sync(self, *args: Any, **kwargs: Any) -> Any:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    pool = IngestPool(NoProcesses(), 2, 1)
+    await pool.warm()
+    store = open_store(tmp_path / "s")
+    try:
+        assert await pool.prepare(store.encoding_basis("up"), b"\x80", False, False) is None
+    finally:
+        store.close()
 
 
 # ------------------------------------------------------------- real processes
@@ -436,7 +556,7 @@ def origins(tmp_path: Path) -> Iterator[tuple[OriginProcess, OriginProcess]]:
     with (
         OriginProcess(
             tmp_path / "workers",
-            max_body_mb=8,
+            max_body_mb=16,
             extra_config="ingest_workers = 1\ningest_offload_kb = 1",
         ) as pooled,
         OriginProcess(tmp_path / "none", max_body_mb=8, extra_config="ingest_workers = 0") as solo,
@@ -484,24 +604,84 @@ def test_an_origin_with_workers_commits_what_one_without_does(
         )
 
 
-def test_a_killed_worker_costs_no_write_and_workers_end_with_the_origin(
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_worker_killed_mid_job_costs_no_write_and_workers_end_with_the_origin(
     origins: tuple[OriginProcess, OriginProcess],
 ) -> None:
+    import threading
+
     pooled, _ = origins
     with httpx.Client(base_url=pooled.base_url, timeout=60) as p:
-        assert post_batch(p, body(records(0, 1000))).status_code == 200
-        (worker,) = workers(pooled.proc_pid)
-        os.kill(worker, signal.SIGKILL)
-        assert wait_until(lambda: not alive(worker))
-        for i in range(3):
-            r = post_batch(p, body(records(1000 * (i + 1), 1000)))
-            assert r.status_code == 200, r.text
-        assert p.get("/v1/datasets/up").json()["records"] == 4000
-        assert ingest_jobs(p, "committed") + ingest_jobs(p, "fallback") == 4
-        assert ingest_jobs(p, "committed") >= 2  # a new worker took over
+        big = body(records(0, 15_000))  # about 5 MB: a worker needs ~0.1 s
+        killed_mid_job = False
+        tries = 0
+        while tries < 5:
+            tries += 1
+            (worker,) = workers(pooled.proc_pid)
+            before = cpu_ticks(worker)
+            answers: list[httpx.Response] = []
+            poster = threading.Thread(target=lambda out=answers: out.append(post_batch(p, big)))
+            poster.start()
+            busy = wait_until(lambda w=worker, b=before: cpu_ticks(w) >= b + 2, timeout=10)
+            if busy and not answers:
+                os.kill(worker, signal.SIGKILL)
+            poster.join()
+            assert answers[0].status_code == 200, answers[0].text
+            if ingest_jobs(p, "fallback") == 1:
+                killed_mid_job = True
+                break
+            assert wait_until(lambda: len(workers(pooled.proc_pid)) == 1)
+        assert killed_mid_job, "the worker always finished before it could be killed"
+        assert p.get("/v1/datasets/up").json()["version"] == tries
+        assert p.get("/v1/datasets/up").json()["records"] == 15_000
+        r = post_batch(p, body(records(20_000, 1000)))  # a new worker takes it
+        assert r.status_code == 200, r.text
+        assert ingest_jobs(p, "committed") == tries
+        assert wait_until(lambda: len(workers(pooled.proc_pid)) == 1)
         (new_worker,) = workers(pooled.proc_pid)
     pooled.kill9()  # no shutdown work at all: the worker must notice alone
     assert wait_until(lambda: not alive(new_worker), timeout=20)
+
+
+def test_json_and_replace_bodies_through_a_worker(
+    origins: tuple[OriginProcess, OriginProcess],
+) -> None:
+    pooled, solo = origins
+    doc = {
+        "upserts": {
+            f"user:{i}": {**seed_like_record(i), "city": f"json-{i % 3}"} for i in range(40)
+        },
+        "deletes": ["user:999"],
+    }
+    whole = msgpack.packb(
+        {"records": records(0, 30) | {b"user:new": seed_like_record(5)}}, use_bin_type=True
+    )
+    with (
+        httpx.Client(base_url=pooled.base_url, timeout=60) as p,
+        httpx.Client(base_url=solo.base_url, timeout=60) as s,
+    ):
+        for client in (p, s):
+            r = client.post("/v1/datasets/up/batch", json=doc)
+            assert r.status_code == 200, r.text
+            r = client.post(
+                "/v1/datasets/up/replace",
+                content=whole,
+                headers={"content-type": "application/msgpack"},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["deleted"] == 40  # the JSON batch's keys
+        assert ingest_jobs(p, "committed") == 2
+        x, y = p.get("/v1/datasets/up").json(), s.get("/v1/datasets/up").json()
+        assert (x["version"], x["records"], x["digest"]) == (
+            y["version"],
+            y["records"],
+            y["digest"],
+        )
 
 
 def test_a_graceful_stop_ends_the_workers(
