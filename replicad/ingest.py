@@ -35,8 +35,8 @@ clock; a per-process cache of codecs (:func:`codec_for`).
 
 from __future__ import annotations
 
-import functools
 import gc
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -56,32 +56,51 @@ _ENCODER_MODULES = (
     "replicad.codec",
     "replicad.layout",
     "replicad.schema",
+    "replicad.errors",
+    "replicad.origin_types",
     "replicad.http_body",
     "replicad.ingest",
 )
+_ENCODER_PACKAGES = ("replicad", "msgspec", "msgpack", "cramjam", "xxhash")
 
 
-@functools.cache
-def encoder_tag() -> str:
-    """A digest of the source of every module that decides what a body
-    encodes to. The origin sends its own with each job and a worker whose
-    tag differs refuses the job: a worker started after the package was
-    upgraded in place (workers are started again after idling) must not
-    encode differently from the origin it serves."""
+def _digest_of_code() -> str:
     h = xxhash.xxh3_64()
+    for name in _ENCODER_PACKAGES:
+        try:
+            h.update(f"{name}={importlib.metadata.version(name)};".encode())
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            h.update(f"{name}=?;".encode())
     for name in _ENCODER_MODULES:
         spec = importlib.util.find_spec(name)
         origin = None if spec is None else spec.origin
-        if origin is None:  # pragma: no cover - frozen or built-in: by name only
+        try:
+            if origin is None:
+                raise OSError(f"no source file for {name}")
+            with open(origin, "rb") as f:
+                h.update(f.read())
+        except OSError:  # pragma: no cover - a zip import, say: versions only
             h.update(name.encode())
-            continue
-        with open(origin, "rb") as f:
-            h.update(f.read())
     return h.hexdigest()
+
+
+_TAG = _digest_of_code()
+
+
+def encoder_tag() -> str:
+    """A digest of the code that decides what a body encodes to: the
+    source of those modules and the versions of the packages involved,
+    taken when this module was imported (in a worker: when it started). The
+    origin sends its own with each job and a worker whose tag differs
+    refuses the job: a worker started after the package was upgraded in
+    place (workers are started again after idling) must not encode
+    differently from the origin it serves."""
+    return _TAG
 
 
 @dataclass
 class _Cached:
+    revision: int
     definition: bytes
     compress: bool
     schemas: list[Any]
@@ -99,18 +118,22 @@ def codec_for(basis: EncodingBasis) -> DatasetCodec:
     A newer revision that only added dictionary strings (every commit that
     brings new strings makes one) extends the cached codec in place instead
     of building another: building takes 0.4 s with three full dictionaries,
-    adding a batch's new strings a few milliseconds.
+    adding a batch's new strings a few milliseconds. An older revision of
+    the same store reuses the newer codec: the codes it has beyond the older
+    definition are committed ones, which the committer would use too (and a
+    schema evolved since makes the store refuse the bytes).
     """
     key = (basis.store, basis.dataset)
     cached = _CODECS.get(key)
     if (
         cached is not None
-        and cached.definition == basis.definition
         and cached.compress == basis.compress
+        and (cached.definition == basis.definition or cached.revision > basis.meta_revision)
     ):
         return cached.codec
     doc = msgpack.unpackb(basis.definition, raw=False)
     if cached is not None and _extend(cached, doc, basis.compress):
+        cached.revision = basis.meta_revision
         cached.definition = basis.definition
         return cached.codec
     schemas = [Schema.from_json(s) for s in doc.get("schemas", [])]
@@ -121,6 +144,7 @@ def codec_for(basis: EncodingBasis) -> DatasetCodec:
         compress=basis.compress,
     )
     _CODECS[key] = _Cached(
+        basis.meta_revision,
         basis.definition,
         basis.compress,
         doc.get("schemas", []),
@@ -132,8 +156,9 @@ def codec_for(basis: EncodingBasis) -> DatasetCodec:
 
 def _extend(cached: _Cached, doc: dict[str, Any], compress: bool) -> bool:
     """Add to ``cached``'s dictionary the strings ``doc`` has beyond it;
-    False (nothing changed) unless everything else is the same and the
-    result holds exactly ``doc``'s dictionary."""
+    False (nothing changed) unless everything else is the same, every
+    string the cache holds is at the same code in ``doc``, and the result
+    holds exactly ``doc``'s dictionary."""
     dictionary = cached.codec.dictionary
     shipped = doc["dictionary"]
     if (
@@ -144,18 +169,20 @@ def _extend(cached: _Cached, doc: dict[str, Any], compress: bool) -> bool:
     ):
         return False
     fields: dict[str, list[str]] = shipped["fields"]
+    if dictionary.size > sum(map(len, fields.values())):
+        return False
     new: list[tuple[str, int, str]] = []
     for name, strings in fields.items():
-        have = dictionary.count(name)
-        if have > len(strings):
+        have = dictionary.strings(name)
+        if len(have) > len(strings) or list(have) != strings[: len(have)]:
             return False
-        new.extend((name, code, strings[code]) for code in range(have, len(strings)))
+        new.extend((name, code, strings[code]) for code in range(len(have), len(strings)))
     mark = dictionary.size
     try:
         dictionary.apply(new)
-    except CorruptRecordError:
+    except CorruptRecordError:  # pragma: no cover - the checks above rule it out
         return False
-    if dictionary.size != sum(map(len, fields.values())):
+    if dictionary.size != sum(map(len, fields.values())):  # a field only the cache has
         dictionary.truncate(mark)
         return False
     return True

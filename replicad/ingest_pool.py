@@ -10,11 +10,12 @@ and extends it as the dictionary grows.
 
 A worker that dies (killed, out of memory) fails only the job it ran: the
 body is then decoded in the origin process, as with no workers, and the
-next job starts a fresh worker; so does a job a worker refuses because it
-runs other code than the origin (:func:`replicad.ingest.encoder_tag`). A
-worker that cannot be started at all leaves every body to the origin
-process. If the origin is killed, its workers see their pipe close and
-exit.
+next job starts a fresh worker. A worker that runs other code than the
+origin (:func:`replicad.ingest.encoder_tag`: the package was upgraded under
+a running origin) refuses its job, and the pool stops sending bodies to
+workers: any new one would run the new code too. A worker that cannot be
+started at all leaves every body to the origin process. If the origin is
+killed, its workers see their pipe close and exit.
 """
 
 from __future__ import annotations
@@ -43,12 +44,24 @@ class IngestPool:
     """Runs :func:`replicad.ingest.prepare_write` in up to ``workers``
     processes at once; bodies below ``min_bytes`` are not worth the trip."""
 
-    def __init__(self, context: trio_parallel.WorkerContext, workers: int, min_bytes: int) -> None:
+    def __init__(
+        self,
+        context: trio_parallel.WorkerContext,
+        workers: int,
+        min_bytes: int,
+        *,
+        tag: str | None = None,
+    ) -> None:
+        """``tag``: the origin's :func:`~replicad.ingest.encoder_tag` (tests
+        pass another to play an origin running other code)."""
         self._context = context
         self._limiter = trio.CapacityLimiter(workers)
-        self._tag = encoder_tag()
+        self._tag = encoder_tag() if tag is None else tag
         self.workers = workers
         self.min_bytes = min_bytes
+        self.disabled = False
+        """Set when the workers run other code than this origin: every body
+        is decoded in process from then on (until the origin restarts)."""
 
     async def warm(self) -> None:
         """Start every worker now (each imports the codec, about a quarter
@@ -65,7 +78,7 @@ class IngestPool:
 
     def wants(self, body: bytes) -> bool:
         """Whether ``body`` is large enough to go to a worker."""
-        return len(body) >= self.min_bytes
+        return len(body) >= self.min_bytes and not self.disabled
 
     async def prepare(
         self, basis: EncodingBasis, body: bytes, is_json: bool, replace: bool
@@ -86,11 +99,20 @@ class IngestPool:
             )
         except HttpError:
             raise
+        except StaleEncodingError as exc:
+            # a worker running other code: so would every new one (they start
+            # from the package on disk), so stop sending bodies to them
+            self.disabled = True
+            log.error(
+                "ingest workers run other code than this origin (upgraded in place?); "
+                "every body is decoded in process until the origin restarts",
+                extra={"error": str(exc)},
+            )
+            return None
         except (
             trio_parallel.BrokenWorkerError,
             trio.ClosedResourceError,
             OSError,  # a worker that cannot be started
-            StaleEncodingError,  # a worker running other code
         ) as exc:
             log.warning("ingest worker failed; decoding in process", extra={"error": repr(exc)})
             return None
@@ -126,7 +148,7 @@ async def open_ingest_pool(workers: int, min_bytes: int) -> AsyncIterator[Ingest
     except trio_parallel.BrokenWorkerError as exc:
         # a worker ended abnormally (killed by a signal sent to the whole
         # process group, say) or had to be killed at exit: only worth a line,
-        # unless it would hide the error the block was leaving with
-        if leaving is not None and leaving is not exc:
-            raise leaving from None
+        # and never in place of the error the block was leaving with
         log.warning("an ingest worker ended abnormally at shutdown", extra={"error": repr(exc)})
+        if leaving is not None:
+            raise leaving from None

@@ -32,7 +32,7 @@ from replicad.errors import (
 from replicad.http_app import OriginApp
 from replicad.http_body import HttpError, decode_write_document, parse_batch
 from replicad.ingest import codec_for, encoder_tag, prepare_write
-from replicad.ingest_pool import IngestPool
+from replicad.ingest_pool import IngestPool, open_ingest_pool
 from replicad.origin_types import (
     DatasetSpec,
     EncodeFailure,
@@ -301,6 +301,57 @@ def test_codecs_are_cached_per_store_and_extended_in_place(tmp_path: Path) -> No
         two.close()
 
 
+def test_a_cached_codec_is_extended_only_by_a_definition_that_extends_it(
+    tmp_path: Path,
+) -> None:
+    """Definitions crafted around one cached codec: only the one that keeps
+    every cached string at its code and adds others extends it in place;
+    every other gets a codec built from scratch, holding exactly its own
+    dictionary; an older revision reuses the newer codec."""
+    store = open_store(tmp_path / "s")
+    try:
+        ok(store.commit([WriteBatch("up", records(0, 300))])[0])
+        real = store.encoding_basis("up")
+    finally:
+        store.close()
+    doc = msgpack.unpackb(real.definition, raw=False)
+    cities = doc["dictionary"]["fields"]["city"]
+    revision = iter(range(10, 100))
+
+    def basis(city: list[str]) -> EncodingBasis:
+        d = json.loads(json.dumps(doc))
+        d["dictionary"]["fields"]["city"] = city
+        definition = msgpack.packb(d, use_bin_type=True)
+        return EncodingBasis("crafted", "up", next(revision), definition, True)
+
+    def exact(codec: Any, b: EncodingBasis) -> bool:
+        shipped = msgpack.unpackb(b.definition, raw=False)["dictionary"]
+        return bool(codec.dictionary.to_json() == shipped)
+
+    first = basis(cities)
+    codec = codec_for(first)
+    grown = basis([*cities, "new-1", "new-2"])
+    assert codec_for(grown) is codec and exact(codec, grown)
+    assert codec_for(first) is codec  # an older revision: the newer codec
+    for wrong in (
+        basis(["other", *cities[1:], "new-1", "new-2", "new-3"]),  # a code changed
+        basis([*cities, "new-x", "new-2", "new-3"]),  # a later code changed
+        basis(cities[:-1]),  # shrank
+    ):
+        rebuilt = codec_for(wrong)
+        assert rebuilt is not codec and exact(rebuilt, wrong)
+        codec = rebuilt
+    # a field only the cache has (the sizes would add up without it)
+    start = basis(cities)
+    codec = codec_for(start)
+    d = msgpack.unpackb(start.definition, raw=False)
+    dropped = d["dictionary"]["fields"].pop("os")
+    d["dictionary"]["fields"]["city"] = [*cities, *(f"pad-{i}" for i in range(len(dropped)))]
+    without = EncodingBasis("crafted", "up", next(revision), msgpack.packb(d), True)
+    rebuilt = codec_for(without)
+    assert rebuilt is not codec and exact(rebuilt, without)
+
+
 def test_a_worker_running_other_code_refuses_the_job(tmp_path: Path) -> None:
     store = open_store(tmp_path / "s")
     try:
@@ -494,6 +545,57 @@ async def test_workers_that_cannot_start_leave_every_body_to_the_origin(tmp_path
         assert await pool.prepare(store.encoding_basis("up"), b"\x80", False, False) is None
     finally:
         store.close()
+
+
+async def test_a_pool_whose_workers_run_other_code_stops_using_them(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "s")
+    try:
+        async with trio_parallel.open_worker_context() as context:
+            pool = IngestPool(context, 1, 1, tag="an older origin")
+            raw = body(records(0, 5))
+            assert pool.wants(raw)
+            assert await pool.prepare(store.encoding_basis("up"), raw, False, False) is None
+            assert pool.disabled and not pool.wants(raw)
+    finally:
+        store.close()
+
+
+async def test_shutdown_keeps_the_error_the_server_leaves_with(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker killed under the pool makes its shutdown fail: a warning
+    when the block ends normally; when it ends with an error, that error is
+    the one that comes out."""
+
+    async def kill_the_workers(pool: IngestPool | None) -> None:
+        assert pool is not None
+        await pool.warm()
+        killed = workers(os.getpid())
+        assert killed
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda p=pid: not alive(p))
+
+    with caplog.at_level("WARNING", logger="replicad.ingest"):
+        async with open_ingest_pool(1, 1) as pool:
+            await kill_the_workers(pool)
+    assert "ended abnormally at shutdown" in caplog.text
+    caplog.clear()
+    with pytest.raises(ValueError, match="the server's own error"):
+        async with open_ingest_pool(1, 1) as pool:
+            await kill_the_workers(pool)
+            raise ValueError("the server's own error")
+    assert "ended abnormally at shutdown" in caplog.text
+
+
+def test_json_records_nested_too_deeply_are_a_400() -> None:
+    deep: Any = 1
+    for _ in range(5000):
+        deep = [deep]
+    doc = {"upserts": {"k": {"tags": deep}}}  # as json.loads would give it
+    with pytest.raises(HttpError) as err:
+        parse_batch(doc, True, True)
+    assert err.value.status == 400 and "nested too deeply" in err.value.message
 
 
 # ------------------------------------------------------------- real processes
