@@ -17,6 +17,7 @@ SIGKILL. Leaving the ``with`` block stops the process and removes its files.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -29,12 +30,38 @@ from tests.procs import ManagedProcess
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel numbers outgoing connections from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the
+    kernel's ephemeral range: a process restarted on the same port (the
+    chaos origin and relay) must not find it taken meanwhile by some
+    client's outgoing connection, which the kernel numbers from that range
+    (a chaos relay once failed to come back with "Address already in use")."""
+    low, high = _ephemeral_ports()
+    spans = [(r0, r1) for r0, r1 in ((20_000, low - 1), (high + 1, 65_535)) if r1 - r0 > 1000]
+    rng = random.Random()
+    for _ in range(200 if spans else 0):
+        r0, r1 = rng.choice(spans)
+        port = rng.randint(r0, r1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 class OriginProcess(ManagedProcess):
