@@ -245,10 +245,6 @@ class Dictionary:
         """The strings of ``field`` in code order (empty if it has none)."""
         return tuple(self._strings.get(field, ()))
 
-    def count(self, field: str) -> int:
-        """How many strings ``field`` holds."""
-        return len(self._strings.get(field, ()))
-
     def code(self, field: str, value: str) -> int | None:
         """The code of ``value`` in ``field``, or None if it has none."""
         return self._codes.get(field, {}).get(value)

@@ -22,80 +22,31 @@ The result is the same as encoding in the committer, byte for byte:
   fails the batch, as without a worker;
 * the store refuses the pre-encoding if the schema evolved in the meantime
   (:class:`~replicad.errors.StaleEncodingError`), and the caller encodes
-  the body again in process; so does a worker running other code
-  (:func:`encoder_tag`).
+  the body again in process (so does a worker running other code than the
+  origin: :mod:`replicad.ingest_pool` checks that).
 
 Deeply nested bodies (hundreds of levels) are refused with 400 on both
 paths, but where the recursion limit strikes depends on the stack depth of
 the process, so the message may differ.
 
-No I/O but reading its own modules' source once (:func:`encoder_tag`), no
-clock; a per-process cache of codecs (:func:`codec_for`).
+No I/O, no clock; a per-process cache of codecs (:func:`codec_for`).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib.metadata
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import xxhash
 
 from replicad.codec import DatasetCodec, Dictionary, check_key
-from replicad.errors import CorruptRecordError, ReplicadError, StaleEncodingError
+from replicad.errors import CorruptRecordError, ReplicadError
 from replicad.http_body import decode_write_document, parse_batch, parse_replace
 from replicad.origin_types import EncodeFailure, EncodingBasis, PreEncoded, WriteBatch
 from replicad.schema import Schema
 
-__all__ = ["codec_for", "encoder_tag", "pre_encode", "prepare_write"]
-
-_ENCODER_MODULES = (
-    "replicad.codec",
-    "replicad.layout",
-    "replicad.schema",
-    "replicad.errors",
-    "replicad.origin_types",
-    "replicad.http_body",
-    "replicad.ingest",
-)
-_ENCODER_PACKAGES = ("replicad", "msgspec", "msgpack", "cramjam", "xxhash")
-
-
-def _digest_of_code() -> str:
-    h = xxhash.xxh3_64()
-    for name in _ENCODER_PACKAGES:
-        try:
-            h.update(f"{name}={importlib.metadata.version(name)};".encode())
-        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-            h.update(f"{name}=?;".encode())
-    for name in _ENCODER_MODULES:
-        spec = importlib.util.find_spec(name)
-        origin = None if spec is None else spec.origin
-        try:
-            if origin is None:
-                raise OSError(f"no source file for {name}")
-            with open(origin, "rb") as f:
-                h.update(f.read())
-        except OSError:  # pragma: no cover - a zip import, say: versions only
-            h.update(name.encode())
-    return h.hexdigest()
-
-
-_TAG = _digest_of_code()
-
-
-def encoder_tag() -> str:
-    """A digest of the code that decides what a body encodes to: the
-    source of those modules and the versions of the packages involved,
-    taken when this module was imported (in a worker: when it started). The
-    origin sends its own with each job and a worker whose tag differs
-    refuses the job: a worker started after the package was upgraded in
-    place (workers are started again after idling) must not encode
-    differently from the origin it serves."""
-    return _TAG
+__all__ = ["codec_for", "pre_encode", "prepare_write"]
 
 
 @dataclass
@@ -222,23 +173,18 @@ def pre_encode(
     return records, left
 
 
-def prepare_write(
-    basis: EncodingBasis, body: bytes, is_json: bool, replace: bool, tag: str
-) -> WriteBatch:
+def prepare_write(basis: EncodingBasis, body: bytes, is_json: bool, replace: bool) -> WriteBatch:
     """The write batch of a ``batch`` (or, with ``replace``, ``replace``)
     body, its records pre-encoded with ``basis``.
 
     Raises :class:`~replicad.http_body.HttpError` (400) for a malformed body
-    or a wrong shape, with the message the in-process path gives, and
-    StaleEncodingError if ``tag`` is not this process's :func:`encoder_tag`.
+    or a wrong shape, with the message the in-process path gives.
 
     Cyclic garbage collection is off meanwhile: the decoded document is
     hundreds of thousands of containers, none in a cycle, and freed by
     reference counting before collection is back on, so the collections it
     would have triggered (full ones among them) are never needed.
     """
-    if tag != encoder_tag():
-        raise StaleEncodingError(f"this worker runs other code ({encoder_tag()}, not {tag})")
     was = gc.isenabled()
     gc.disable()
     try:

@@ -11,7 +11,7 @@ and extends it as the dictionary grows.
 A worker that dies (killed, out of memory) fails only the job it ran: the
 body is then decoded in the origin process, as with no workers, and the
 next job starts a fresh worker. A worker that runs other code than the
-origin (:func:`replicad.ingest.encoder_tag`: the package was upgraded under
+origin (:func:`encoder_tag`: the package was upgraded under
 a running origin) refuses its job, and the pool stops sending bodies to
 workers: any new one would run the new code too. A worker that cannot be
 started at all leaves every body to the origin process. If the origin is
@@ -20,24 +20,84 @@ killed, its workers see their pipe close and exit.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 import trio_parallel
+import xxhash
 
 from replicad.errors import StaleEncodingError
 from replicad.http_body import HttpError
-from replicad.ingest import encoder_tag, prepare_write
+from replicad.ingest import prepare_write
 from replicad.origin_types import EncodingBasis, WriteBatch
 
-__all__ = ["IngestPool", "open_ingest_pool"]
+__all__ = ["IngestPool", "encoder_tag", "open_ingest_pool"]
 
 log = logging.getLogger("replicad.ingest")
 
 IDLE_TIMEOUT = 600.0
 """Seconds an idle worker waits for a job before it exits."""
+
+
+_ENCODER_MODULES = (
+    "replicad.codec",
+    "replicad.layout",
+    "replicad.schema",
+    "replicad.errors",
+    "replicad.origin_types",
+    "replicad.http_body",
+    "replicad.ingest",
+    "replicad.ingest_pool",
+)
+_ENCODER_PACKAGES = ("replicad", "msgspec", "msgpack", "cramjam", "xxhash")
+
+
+def _digest_of_code() -> str:
+    h = xxhash.xxh3_64()
+    for name in _ENCODER_PACKAGES:
+        try:
+            h.update(f"{name}={importlib.metadata.version(name)};".encode())
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            h.update(f"{name}=?;".encode())
+    for name in _ENCODER_MODULES:
+        spec = importlib.util.find_spec(name)
+        origin = None if spec is None else spec.origin
+        try:
+            if origin is None:
+                raise OSError(f"no source file for {name}")
+            with open(origin, "rb") as f:
+                h.update(f.read())
+        except OSError:  # pragma: no cover - a zip import, say: versions only
+            h.update(name.encode())
+    return h.hexdigest()
+
+
+_TAG = _digest_of_code()
+
+
+def encoder_tag() -> str:
+    """A digest of the code that decides what a body encodes to: the
+    source of those modules and the versions of the packages involved,
+    taken when this module was imported (in a worker: when it started). The
+    origin sends its own with each job and a worker whose tag differs
+    refuses the job: a worker started after the package was upgraded in
+    place (workers are started again after idling) must not encode
+    differently from the origin it serves."""
+    return _TAG
+
+
+def _prepare_in_worker(
+    basis: EncodingBasis, body: bytes, is_json: bool, replace: bool, tag: str
+) -> WriteBatch:
+    """The job a worker runs: :func:`replicad.ingest.prepare_write`, refused
+    with StaleEncodingError when the origin's ``tag`` is not this worker's."""
+    if tag != _TAG:
+        raise StaleEncodingError(f"this worker runs other code ({_TAG}, not {tag})")
+    return prepare_write(basis, body, is_json, replace)
 
 
 class IngestPool:
@@ -52,8 +112,8 @@ class IngestPool:
         *,
         tag: str | None = None,
     ) -> None:
-        """``tag``: the origin's :func:`~replicad.ingest.encoder_tag` (tests
-        pass another to play an origin running other code)."""
+        """``tag``: the origin's :func:`encoder_tag` (tests pass another to
+        play an origin running other code)."""
         self._context = context
         self._limiter = trio.CapacityLimiter(workers)
         self._tag = encoder_tag() if tag is None else tag
@@ -88,7 +148,7 @@ class IngestPool:
         :class:`~replicad.http_body.HttpError` for a malformed body."""
         try:
             batch: WriteBatch = await self._context.run_sync(
-                prepare_write,
+                _prepare_in_worker,
                 basis,
                 body,
                 is_json,
