@@ -13,11 +13,14 @@ load cheap, key ``user:%08d`` of ``i`` holds ``seed_like_record(i % 100,000)``
 * **Propagation**: an origin and 4 sidecars on one dataset (10,000 records
   preloaded), and one reader process per mirror polling
   ``sidecar.reader.Reader.version`` (sleeping 0.2 ms between polls: four
-  tight loops would take both cores from the processes measured). Writer
-  threads send single-record batches through the msgpack HTTP API for 10 s
-  (``--quick``: 2 s), first 1,000/s offered by 4 threads (one thread cannot
-  reach it with durable commits; several let the origin's group commit share
-  fsyncs), then a light 20/s from one thread. Each write's acknowledgement
+  tight loops would take both cores from the processes measured). Three
+  write phases of 10 s each (``--quick``: 2 s): 1,000 single-record
+  writes/s offered by 64 threads sharing one
+  :class:`~replicad.writer.BatchingWriter` (each thread blocks until its
+  write is acknowledged; concurrent writes share a request: the target
+  rows), the same rate offered by 4 threads sending one HTTP request per
+  write (one durable write per round trip cannot reach 1,000/s here), then a
+  light 20/s from one thread, one request each. Each write's acknowledgement
   and each version's first sighting are stamped with ``time.monotonic_ns()``
   (CLOCK_MONOTONIC, one clock for every process of the host); a version
   counts as seen when a poll sees it or a later one. Latency = seen -
@@ -61,6 +64,7 @@ import msgpack
 
 from benchmarks.common import Row
 from benchmarks.procs import Proc, free_port, wait
+from replicad.client import OriginClient
 from replicad.codec import DatasetCodec
 from replicad.errors import ReplicadError
 from replicad.sample import seed_like_record, seed_like_schema
@@ -71,9 +75,14 @@ POOL = 100_000
 LOAD_BATCH = 10_000
 SIDECARS = 4
 WRITE_RATE = 1_000
-WRITERS = 4
-"""Concurrent writer threads: one durable single-record write per round trip
-cannot reach 1,000/s here; several let the origin's group commit share fsyncs."""
+WRITERS = 64
+"""Threads writing through one shared BatchingWriter (each blocks until its
+write is acknowledged, as a request handler of an application would): their
+concurrent writes share requests."""
+REQUEST_WRITERS = 4
+"""Threads of the one-request-per-write phase: one durable single-record write
+per round trip cannot reach 1,000/s here; several let the origin's group
+commit share fsyncs."""
 PROBE_POLL = 0.0002
 """Seconds a reader process sleeps between polls (0: a tight loop, which on 2
 cores takes the CPU the origin and sidecars need)."""
@@ -283,18 +292,34 @@ class _Propagation:
 
 
 def _write_paced(
-    origin: str, bodies: list[bytes], rate: float, writers: int
+    origin: str,
+    writes: list[tuple[bytes, dict[str, Any]]],
+    rate: float,
+    writers: int,
+    *,
+    batching: bool,
 ) -> tuple[list[tuple[int, int]], float]:
-    """Send ``bodies`` from ``writers`` threads, body i no earlier than
-    ``i / rate`` s after the start and none after ``len(bodies) / rate`` s
-    (what the writers could not send by then is dropped); returns (version,
-    ack monotonic_ns) per write and the achieved writes/s."""
+    """Send ``writes`` (key, record) from ``writers`` threads, write i no
+    earlier than ``i / rate`` s after the start and none after ``len(writes)
+    / rate`` s (what the writers could not send by then is dropped); returns
+    (version, ack monotonic_ns) per write and the achieved writes/s.
+
+    Each write is its own request (``batching`` False: a single-record
+    msgpack batch, packed before the clock starts) or goes through one
+    :class:`~replicad.writer.BatchingWriter` shared by the threads."""
     lock = threading.Lock()
-    counter = iter(range(len(bodies)))
+    counter = iter(range(len(writes)))
     acks: list[tuple[int, int]] = []
     errors: list[BaseException] = []
+    bodies = (
+        [msgpack.packb({"upserts": {k: r}}, use_bin_type=True) for k, r in writes]
+        if not batching
+        else []
+    )
+    shared = OriginClient(origin, timeout=30) if batching else None
+    writer = shared.writer(DATASET) if shared is not None else None
     start = time.monotonic() + 0.1
-    end = start + len(bodies) / rate
+    end = start + len(writes) / rate
 
     def worker() -> None:
         try:
@@ -310,17 +335,24 @@ def _write_paced(
                     delay = start + i / rate - now
                     if delay > 0:
                         time.sleep(delay)
-                    version = _post(client, bodies[i])
+                    if writer is not None:
+                        version = writer.upsert(*writes[i]).version
+                    else:
+                        version = _post(client, bodies[i])
                     acked = time.monotonic_ns()
                     acks.append((version, acked))
         except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if shared is not None:
+            shared.close()
     if errors:
         raise errors[0]
     return acks, len(acks) / (max(end, time.monotonic()) - start)
@@ -346,10 +378,11 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _propagation(
-    tmp: Path, pool: _Pool, seconds: float, phases: Sequence[tuple[float, int]]
+    tmp: Path, pool: _Pool, seconds: float, phases: Sequence[tuple[float, int, bool]]
 ) -> list[_Propagation]:
     """One origin, SIDECARS sidecars and a reader process per mirror; one
-    write phase of ``seconds`` per (rate, writers) in ``phases``."""
+    write phase of ``seconds`` per (rate, writer threads, batching) in
+    ``phases`` (see :func:`_write_paced`)."""
     preload = 10_000
     with contextlib.ExitStack() as stack:
         origin = _start_origin(stack, tmp / "origin")
@@ -378,14 +411,13 @@ def _propagation(
             wait(f"reader {k}", probe, ready.exists, 30.0)
         phase_acks: list[tuple[list[tuple[int, int]], float]] = []
         j = 0
-        for rate, writers in phases:
-            # single-record batches over the preloaded keys, in a fixed order
-            bodies = []
+        for rate, writers, batching in phases:
+            # single-record writes over the preloaded keys, in a fixed order
+            writes = []
             for _ in range(int(rate * seconds)):
-                upsert = {_key(j % preload): pool.record(j + preload)}
-                bodies.append(msgpack.packb({"upserts": upsert}, use_bin_type=True))
+                writes.append((_key(j % preload), pool.record(j + preload)))
                 j += 1
-            acks, achieved = _write_paced(origin.url, bodies, rate, writers)
+            acks, achieved = _write_paced(origin.url, writes, rate, writers, batching=batching)
             phase_acks.append((sorted(acks), achieved))
             last = max((v for v, _ in acks), default=0)
             for k, sc in enumerate(sidecars):
@@ -561,8 +593,15 @@ def rows(quick: bool) -> list[Row]:
     pool = _Pool(min(POOL, n1))
     tmp = Path(tempfile.mkdtemp(prefix="replicad-bench-sidecar-"))
     try:
-        heavy, light = _propagation(
-            tmp / "propagation", pool, seconds, [(WRITE_RATE, WRITERS), (LIGHT_RATE, 1)]
+        heavy, per_request, light = _propagation(
+            tmp / "propagation",
+            pool,
+            seconds,
+            [
+                (WRITE_RATE, WRITERS, True),
+                (WRITE_RATE, REQUEST_WRITERS, False),
+                (LIGHT_RATE, 1, False),
+            ],
         )
         with contextlib.ExitStack() as stack:
             origin = _start_origin(stack, tmp / "origin")
@@ -574,7 +613,15 @@ def rows(quick: bool) -> list[Row]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = _rows(
-        n1=n1, n2=n2, seconds=seconds, heavy=heavy, light=light, boots=boots, big=big, redis=redis
+        n1=n1,
+        n2=n2,
+        seconds=seconds,
+        heavy=heavy,
+        per_request=per_request,
+        light=light,
+        boots=boots,
+        big=big,
+        redis=redis,
     )
     cpu_after = _cpu_times()
     machine = cpu_after[0] - cpu_before[0]
@@ -608,6 +655,7 @@ def _rows(
     n2: int,
     seconds: float,
     heavy: _Propagation,
+    per_request: _Propagation,
     light: _Propagation,
     boots: list[_Bootstrap],
     big: _Bootstrap,
@@ -616,8 +664,13 @@ def _rows(
     nan = float("nan")
     to = f"ack -> visible in {SIDECARS} mirrors"
     heavy_load = (
-        f"{WRITE_RATE:,} writes/s offered by {WRITERS} threads, {heavy.rate:,.0f}/s achieved, "
-        f"{seconds:g} s; readers poll every {heavy.poll_us / 1e3:.1f} ms"
+        f"{WRITE_RATE:,} single-record writes/s offered by {WRITERS} threads through one "
+        f"BatchingWriter, {heavy.rate:,.0f}/s achieved, {seconds:g} s; readers poll every "
+        f"{heavy.poll_us / 1e3:.1f} ms"
+    )
+    request_load = (
+        f"{WRITE_RATE:,} writes/s offered by {REQUEST_WRITERS} threads, one request each, "
+        f"{per_request.rate:,.0f}/s achieved, {seconds:g} s"
     )
     light_load = f"{LIGHT_RATE} writes/s from 1 thread, {seconds:g} s"
     at_rate = heavy.rate >= WRITE_RATE * 0.95
@@ -654,12 +707,20 @@ def _rows(
             met=heavy.p99_ms <= 10 and at_rate,
         ),
         Row(
-            f"sidecar: write rate achieved, single-record durable batches from {WRITERS} "
-            f"threads, {SIDECARS} sidecars following",
+            f"sidecar: write rate achieved, single-record durable writes from {WRITERS} "
+            f"threads through one BatchingWriter, {SIDECARS} sidecars following",
             heavy.rate,
             "writes/s",
             target=f">= {WRITE_RATE:,} writes/s",
             met=at_rate,
+        ),
+        Row(f"sidecar: propagation p50, {to} ({request_load})", per_request.p50_ms, "ms"),
+        Row(f"sidecar: propagation p99, {to} ({request_load})", per_request.p99_ms, "ms"),
+        Row(
+            f"sidecar: write rate achieved, one request per write from {REQUEST_WRITERS} "
+            f"threads, {SIDECARS} sidecars following",
+            per_request.rate,
+            "writes/s",
         ),
         Row(f"sidecar: propagation p50, {to} ({light_load})", light.p50_ms, "ms"),
         Row(f"sidecar: propagation p99, {to} ({light_load})", light.p99_ms, "ms"),

@@ -10,6 +10,9 @@ carries its bytes.
   dataset, write and read endpoints of ``docs/api.md``. Bulk writes go as
   msgpack by default (keys and bytes travel as msgpack bin, nothing to
   base64-encode); JSON is available for debugging.
+* :class:`BatchingWriter` (``OriginClient.writer``, from
+  :mod:`replicad.writer`) -- single-record writes from many threads,
+  coalesced into one request per batch.
 * :class:`AsyncSyncClient` -- asynchronous (trio or asyncio, through httpx's
   anyio backend), for a sidecar: one sync request and its answer
   (``POST /v1/sync``), a streamed snapshot decoded frame by frame as bytes
@@ -79,15 +82,18 @@ from replicad.messages import (
     from_wire,
     to_wire,
 )
+from replicad.writer import BatchingWriter, WriteAck
 
 __all__ = [
     "DEFAULT_URL",
     "FRAME_CONTENT_TYPE",
     "AsyncSyncClient",
+    "BatchingWriter",
     "OriginClient",
     "Records",
     "SSEEvent",
     "SSEParser",
+    "WriteAck",
     "error_for_status",
     "hint_from_json",
 ]
@@ -529,6 +535,11 @@ class OriginClient:
             doc=body,
             msgpack_body=use_msgpack,
         )
+
+    def writer(self, name: str, *, max_batch: int = 1000) -> BatchingWriter:
+        """A :class:`~replicad.writer.BatchingWriter` for dataset ``name``:
+        single-record writes from many threads, coalesced into batches."""
+        return BatchingWriter(self, name, max_batch=max_batch)
 
     # ------------------------------------------------------------ reads
 
