@@ -155,6 +155,9 @@ class SyncConfig:
     asked in several queries."""
     max_merkle_attempts: int = 3
     """Merkle repairs in a row that may fail verification before a snapshot."""
+    max_held_push_bytes: int = 1 << 20
+    """Payload bytes of pushes held while a sync is in flight (merged); a
+    push that would exceed it is treated as a hint (a pull follows)."""
 
     def __post_init__(self) -> None:
         if self.poll_interval <= 0 or self.backoff_base <= 0:
@@ -165,6 +168,8 @@ class SyncConfig:
             raise ValueError("snapshot_chunk and merkle_levels_per_query must be >= 1")
         if self.merkle_max_per_query < 1:
             raise ValueError("merkle_max_per_query must be >= 1")
+        if self.max_held_push_bytes < 0:
+            raise ValueError("max_held_push_bytes must be >= 0")
 
 
 # --- actions -----------------------------------------------------------------
@@ -293,6 +298,8 @@ class ReplicaSync:
         self._merkle_attempts = 0
         self._mismatches_in_row = 0
         self._streaming = False
+        self._held: DiffPush | None = None
+        """Pushes that arrived while busy, merged (see :meth:`pushed`)."""
 
     # ------------------------------------------------------------------ API
 
@@ -315,7 +322,12 @@ class ReplicaSync:
             self._retry_at = None
             self._restart_step()
         elif self.phase is Phase.IDLE:
-            if self.cursor is None:
+            held, self._held = self._held, None
+            if held is not None and not self._take_push(held):
+                self.hint(held.hint, now)  # a gap, or already covered
+            if self._pending is not None:
+                pass
+            elif self.cursor is None:
                 self._begin_initial()
             elif self._pull_wanted or now >= self._next_poll:
                 self._begin_diff()
@@ -343,10 +355,50 @@ class ReplicaSync:
         """Feed a pushed diff (a hint carrying its records). Taken -- the
         next action is its Apply -- when the machine is idle at exactly
         ``push.since`` with the push's definition revision (or the push
-        carries the definition); anything else treats it as a hint, so a
-        gap or a race only costs a pull. Returns True when taken."""
+        carries the definition). Held when the machine is busy with a sync
+        (an apply or a pull in flight) that may end where the push starts:
+        pushes arriving meanwhile are merged (:meth:`DiffPush.follow`, up to
+        ``SyncConfig.max_held_push_bytes``) and the merge is taken once the
+        machine is idle, if it starts at the cursor then. Anything else --
+        and a held push that does not start at the cursor -- is treated as a
+        hint, so a gap or a race only costs a pull. Returns True when taken
+        or held."""
         if push.dataset != self.dataset:
             return False
+        self._learn(push.cursor)
+        if self._take_push(push):
+            return True
+        cursor = self.cursor
+        busy = self._outstanding is not None or self._pending is not None
+        if (
+            busy
+            and self._retry_at is None
+            and cursor is not None
+            and push.since.epoch == cursor.epoch
+            and push.since.version >= cursor.version
+        ):
+            limit = self.config.max_held_push_bytes
+            held = self._held
+            if held is not None:
+                merged = held.follow(push, limit)
+                if merged is not None:
+                    self._held = merged
+                    return True
+                if (
+                    held.cursor.epoch == push.cursor.epoch
+                    and push.cursor.version <= held.cursor.version
+                ):
+                    self.hint(push.hint, now)  # late or repeated: nothing newer
+                    return False
+            if push.size <= limit:
+                self._held = push  # newer than what was held: a gap pulls later
+                return True
+        self.hint(push.hint, now)
+        return False
+
+    def _take_push(self, push: DiffPush) -> bool:
+        """Make ``push`` the next Apply if the machine is idle exactly at its
+        start (see :meth:`pushed`)."""
         if (
             self.phase is Phase.IDLE
             and self._outstanding is None
@@ -355,7 +407,6 @@ class ReplicaSync:
             and self.cursor == push.since
             and (push.meta is not None or push.meta_revision == self.meta_revision)
         ):
-            self._learn(push.cursor)
             self.phase = Phase.DIFF
             self._pending = Apply(
                 self.dataset,
@@ -368,7 +419,6 @@ class ReplicaSync:
                 meta=push.meta,
             )
             return True
-        self.hint(push.hint, now)
         return False
 
     def request_pull(self) -> None:

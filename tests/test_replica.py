@@ -183,14 +183,14 @@ def test_a_push_under_another_definition_revision_pulls_unless_it_carries_it() -
     assert_same(mirror, origin)
 
 
-def test_a_push_while_busy_is_a_hint_and_a_lying_push_is_repaired() -> None:
+def test_a_push_held_across_a_failed_pull_and_a_lying_push_is_repaired() -> None:
     origin = make_origin(30)
     mirror, sync, driver = connect(origin)
     driver.run(0.0)
     origin.write({b"a": b"1"})
     sync.request_pull()
     action = sync.next_action(0.1)  # a DiffRequest is now outstanding
-    assert not sync.pushed(last_push(origin), 0.1)
+    assert sync.pushed(last_push(origin), 0.1)  # held
     assert sync.busy
     sync.failed("dropped", 0.1)
     driver.run(5.0)
@@ -206,6 +206,119 @@ def test_a_push_while_busy_is_a_hint_and_a_lying_push_is_repaired() -> None:
     driver.run(6.0)
     assert sync.stats.digest_mismatches == 1
     assert_same(mirror, origin)
+
+
+def _start_push_apply(sync: ReplicaSync, origin: MemoryDataset, now: float) -> Apply:
+    """Feed the origin's last push and return its Apply, now outstanding."""
+    assert sync.pushed(last_push(origin), now)
+    action = sync.next_action(now)
+    assert isinstance(action, Apply) and sync.busy
+    return action
+
+
+def test_pushes_arriving_during_an_apply_are_merged_and_applied_after_it() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    before = driver.requests
+    origin.write({b"k00001": b"first"})
+    first = _start_push_apply(sync, origin, 0.1)
+    # three versions arrive while the first is being applied
+    origin.write({b"k00001": b"second", b"new": b"x"})
+    assert sync.pushed(last_push(origin), 0.1)
+    origin.write({b"k00003": b"y"}, [b"new", b"k00004"])
+    assert sync.pushed(last_push(origin), 0.1)
+    origin.write({b"new": b"back"})
+    assert sync.pushed(last_push(origin), 0.1)
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    merged = sync.next_action(0.1)
+    assert isinstance(merged, Apply) and merged.cursor == origin.cursor
+    assert dict(merged.upserts) == {b"k00001": b"second", b"k00003": b"y", b"new": b"back"}
+    assert merged.deletes == (b"k00004",)
+    assert mirror.apply(merged)
+    sync.applied(True, 0.1)
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.requests == before  # no pull
+    assert sync.stats.syncs["push"] == 2
+
+
+def test_a_held_push_already_covered_by_the_pull_in_flight_is_dropped() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    before = driver.requests
+    held: list[bool] = []
+
+    def push_during_the_pull(_: int) -> None:
+        if not held:  # the write lands, and is pushed, before the pull is answered
+            origin.write({b"b": b"2"})
+            held.append(sync.pushed(last_push(origin), 0.1))
+
+    driver.on_request = push_during_the_pull
+    sync.request_pull()
+    driver.run(0.1)
+    assert held == [True]
+    assert_same(mirror, origin)
+    assert driver.requests == before + 1  # only the pull itself
+    assert sync.stats.syncs.get("push", 0) == 0
+
+
+def test_a_held_push_with_a_gap_before_it_pulls() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"lost": b"1"})  # its push never arrives
+    origin.write({b"b": b"2"})
+    assert sync.pushed(last_push(origin), 0.1)
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    before = driver.requests
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.request_kinds[before:] == ["DiffRequest"]
+
+
+def test_a_late_push_does_not_replace_a_newer_held_one() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first_push = last_push(origin)
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"b": b"2"})
+    second = last_push(origin)
+    assert sync.pushed(second, 0.1)
+    assert not sync.pushed(second, 0.1)  # repeated: nothing newer, a hint
+    assert not sync.pushed(first_push, 0.1)  # late
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    before = driver.requests
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.requests == before
+
+
+def test_a_push_larger_than_the_hold_limit_is_a_hint() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin, max_held_push_bytes=10)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"big": b"x" * 20})
+    assert not sync.pushed(last_push(origin), 0.1)
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    before = driver.requests
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.request_kinds[before:] == ["DiffRequest"]
+    with pytest.raises(ValueError, match="max_held_push_bytes"):
+        SyncConfig(max_held_push_bytes=-1)
 
 
 def test_stale_or_foreign_hints_do_not_pull() -> None:
@@ -488,10 +601,12 @@ def test_replica_only_shows_origin_states_and_converges(
             case ("sync", fail_every):
                 n_fail = int(fail_every)  # type: ignore[call-overload]
 
-                def on_request(_: int) -> None:
+                def on_request(_: int, sync: ReplicaSync = sync, now: float = now) -> None:
                     if rng.random() < 0.3:
                         origin.write({b"k%d" % rng.randrange(24): b"race"})
                         record()
+                        if pushes and rng.random() < 0.5:  # pushed while busy: held
+                            sync.pushed(pushes[-1], now)
                     check_visible()
 
                 driver.on_request = on_request
