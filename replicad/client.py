@@ -82,7 +82,7 @@ from replicad.messages import (
     from_wire,
     to_wire,
 )
-from replicad.writer import BatchingWriter, WriteAck
+from replicad.writer import BatchingWriter, WriteAck, key_bytes
 
 __all__ = [
     "DEFAULT_URL",
@@ -243,19 +243,11 @@ def _dataset_path(name: str, *rest: str) -> str:
 # --- JSON and msgpack bodies -------------------------------------------------
 
 
-def _key_bytes(key: str | bytes) -> bytes:
-    if isinstance(key, bytes):
-        return key
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    raise BadRequestError(f"a key must be str or bytes, got {type(key).__name__}")
-
-
 def _key_text(key: str | bytes) -> str:
     if isinstance(key, str):
         return key
     try:
-        return _key_bytes(key).decode("utf-8")
+        return key_bytes(key).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequestError(
             f"key {key!r} is not UTF-8 and cannot travel in JSON; use msgpack"
@@ -488,7 +480,7 @@ class OriginClient:
         use_msgpack: bool,
     ) -> dict[Any, Any]:
         if use_msgpack:
-            return {_key_bytes(k): v for k, v in records.items()}
+            return {key_bytes(k): v for k, v in records.items()}
         return {_key_text(k): _jsonable(v) for k, v in records.items()}
 
     def write(
@@ -507,7 +499,7 @@ class OriginClient:
         UTF-8 need ``use_msgpack=True`` (the default)."""
         body: dict[str, Any] = {
             "upserts": self._write_body(upserts, use_msgpack=use_msgpack),
-            "deletes": [_key_bytes(k) if use_msgpack else _key_text(k) for k in deletes],
+            "deletes": [key_bytes(k) if use_msgpack else _key_text(k) for k in deletes],
         }
         return self._json(
             "POST",
@@ -548,7 +540,7 @@ class OriginClient:
         or None when the dataset holds no such key. UnknownDatasetError when
         the dataset itself does not exist (told apart from a missing record
         with one more request, only on a miss)."""
-        path = _dataset_path(name, "records", quote(_key_bytes(key), safe=""))
+        path = _dataset_path(name, "records", quote(key_bytes(key), safe=""))
         try:
             return self._json("GET", path, what=f"get {name}")
         except UnknownDatasetError:

@@ -90,12 +90,13 @@ class _Write:
         self.done = False
 
 
-def _key_bytes(key: str | bytes) -> bytes:
+def key_bytes(key: str | bytes) -> bytes:
+    """A key as the bytes the origin stores (str as UTF-8)."""
     if isinstance(key, bytes):
         return key
     if isinstance(key, str):
         return key.encode("utf-8")
-    raise TypeError(f"a key is str or bytes, not {type(key).__name__}")
+    raise BadRequestError(f"a key must be str or bytes, got {type(key).__name__}")
 
 
 class BatchingWriter:
@@ -122,12 +123,12 @@ class BatchingWriter:
     def upsert(self, key: str | bytes, record: Mapping[str, Any] | bytes | str) -> WriteAck:
         """Write ``record`` (typed: a mapping of field values; opaque: the
         value) under ``key``; return once it is durably committed."""
-        return self._submit(_Write(_key_bytes(key), record, False))
+        return self._submit(_Write(key_bytes(key), record, False))
 
     def delete(self, key: str | bytes) -> WriteAck:
         """Delete ``key`` (a no-op version when it is absent); return once
         committed."""
-        return self._submit(_Write(_key_bytes(key), None, True))
+        return self._submit(_Write(key_bytes(key), None, True))
 
     # ------------------------------------------------------------ internals
 

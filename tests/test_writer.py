@@ -20,6 +20,7 @@ import pytest
 from replicad.client import BatchingWriter, OriginClient, WriteAck
 from replicad.errors import (
     AuthError,
+    BadRequestError,
     ConfigError,
     OriginUnavailableError,
     RecordError,
@@ -100,6 +101,22 @@ def _join(threads: list[threading.Thread]) -> None:
         assert not t.is_alive(), "a writer thread hung"
 
 
+def _behind_a_request(
+    writer: BatchingWriter, fake: FakeOrigin, calls: Sequence[Callable[[], Any]]
+) -> tuple[Any, list[Any]]:
+    """Send one write and, while the origin holds its request, queue
+    ``calls`` (a thread each); then let the origin answer. Returns the first
+    write's result and the calls' results."""
+    fake.gate = threading.Event()
+    first, t0 = _in_threads([partial(writer.upsert, "first", {"v": 0})])
+    assert fake.entered.acquire(timeout=10)
+    results, threads = _in_threads(calls)
+    _wait_pending(writer, len(calls))
+    fake.gate.set()
+    _join(t0 + threads)
+    return first[0], results
+
+
 def test_a_lone_write_is_sent_at_once(client: OriginClient, fake: FakeOrigin) -> None:
     writer = client.writer("d")
     ack = writer.upsert("user:1", {"age": 3})
@@ -113,16 +130,10 @@ def test_writes_arriving_during_a_request_share_the_next(
     client: OriginClient, fake: FakeOrigin
 ) -> None:
     writer = client.writer("d")
-    fake.gate = threading.Event()
-    first, t0 = _in_threads([lambda: writer.upsert("k0", {"v": 0})])
-    assert fake.entered.acquire(timeout=10)  # the first request is in flight
     calls = [partial(writer.upsert, f"k{i}", {"v": i}) for i in range(1, 9)]
     calls.append(partial(writer.delete, "gone"))
-    rest, threads = _in_threads(calls)
-    _wait_pending(writer, 9)
-    fake.gate.set()
-    _join(t0 + threads)
-    assert first == [WriteAck("d", EPOCH, 1, 1)]
+    first, rest = _behind_a_request(writer, fake, calls)
+    assert first == WriteAck("d", EPOCH, 1, 1)
     assert rest == [WriteAck("d", EPOCH, 2, 9)] * 9
     assert len(fake.bodies) == 2 and writer.requests == 2
     assert fake.bodies[1]["upserts"] == {f"k{i}".encode(): {"v": i} for i in range(1, 9)}
@@ -163,13 +174,8 @@ def test_a_key_written_twice_starts_the_next_batch_in_order(
 
 def test_max_batch_bounds_a_request(client: OriginClient, fake: FakeOrigin) -> None:
     writer = BatchingWriter(client, "d", max_batch=3)
-    fake.gate = threading.Event()
-    _, t0 = _in_threads([lambda: writer.upsert("first", {"v": 0})])
-    assert fake.entered.acquire(timeout=10)
-    results, threads = _in_threads([partial(writer.upsert, f"k{i}", {"v": i}) for i in range(7)])
-    _wait_pending(writer, 7)
-    fake.gate.set()
-    _join(t0 + threads)
+    calls = [partial(writer.upsert, f"k{i}", {"v": i}) for i in range(7)]
+    _, results = _behind_a_request(writer, fake, calls)
     assert [len(b["upserts"]) for b in fake.bodies] == [1, 3, 3, 1]
     assert sorted(r.batched for r in results) == [1, 3, 3, 3, 3, 3, 3]
 
@@ -179,14 +185,10 @@ def test_a_refused_record_fails_alone(client: OriginClient, fake: FakeOrigin) ->
     the batch is resent one write at a time; only the bad write fails."""
     writer = client.writer("d")
     fake.refuse = lambda body: (400, "schema_violation") if b"bad" in body["upserts"] else None
-    fake.gate = threading.Event()
-    _, t0 = _in_threads([lambda: writer.upsert("first", {"v": 0})])
-    assert fake.entered.acquire(timeout=10)
     keys = ["g1", "bad", "g2", "g3"]
-    results, threads = _in_threads([partial(writer.upsert, k, {"v": 1}) for k in keys])
-    _wait_pending(writer, 4)
-    fake.gate.set()
-    _join(t0 + threads)
+    _, results = _behind_a_request(
+        writer, fake, [partial(writer.upsert, k, {"v": 1}) for k in keys]
+    )
     by_key = dict(zip(keys, results, strict=True))
     assert isinstance(by_key["bad"], RecordError) and "schema_violation" in str(by_key["bad"])
     good = [by_key[k] for k in ("g1", "g2", "g3")]
@@ -211,14 +213,9 @@ def test_an_error_of_the_whole_request_reaches_every_caller_unresent(
 ) -> None:
     writer = client.writer("d")
     fake.refuse = lambda body: (status, code)
-    fake.gate = threading.Event()
-    first, t0 = _in_threads([lambda: writer.upsert("first", {"v": 0})])
-    assert fake.entered.acquire(timeout=10)
-    results, threads = _in_threads([partial(writer.upsert, f"k{i}", {"v": i}) for i in range(4)])
-    _wait_pending(writer, 4)
-    fake.gate.set()
-    _join(t0 + threads)
-    assert all(isinstance(r, error) for r in first + results)
+    calls = [partial(writer.upsert, f"k{i}", {"v": i}) for i in range(4)]
+    first, results = _behind_a_request(writer, fake, calls)
+    assert all(isinstance(r, error) for r in [first, *results])
     assert len(fake.bodies) == 2  # nothing resent
 
 
@@ -261,7 +258,7 @@ def test_an_interrupted_leader_settles_its_batch_and_hands_over(
 def test_bad_arguments(client: OriginClient) -> None:
     with pytest.raises(ConfigError, match="max_batch"):
         BatchingWriter(client, "d", max_batch=0)
-    with pytest.raises(TypeError, match="key is str or bytes"):
+    with pytest.raises(BadRequestError, match="key must be str or bytes"):
         client.writer("d").upsert(7, {"v": 1})  # type: ignore[arg-type]
 
 
