@@ -30,7 +30,7 @@ Push: :class:`Hint` (lossy, only a trigger to pull). Report: :class:`Ack`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, TypeAlias, TypeVar
@@ -240,6 +240,36 @@ class DiffPush:
             later.meta if later.meta is not None else self.meta,
         )
         return merged if max_bytes is None or merged.size <= max_bytes else None
+
+
+def merge_pushes(chain: Sequence[DiffPush]) -> DiffPush:
+    """One push equal to ``chain`` (non-empty, each push starting where the
+    one before it ends) applied in order: the last write of each key wins,
+    the cursor, digest and definition revision are the last push's, ``meta``
+    the newest any of them carries. One pass (:meth:`DiffPush.follow`
+    copies the merge so far for every push it adds)."""
+    first, last = chain[0], chain[-1]
+    if len(chain) == 1:
+        return first
+    ops: dict[bytes, bytes | None] = {}
+    meta = None
+    for p in chain:
+        for k, v in p.upserts:
+            ops[k] = v
+        for k in p.deletes:
+            ops[k] = None
+        if p.meta is not None:
+            meta = p.meta
+    return DiffPush(
+        first.dataset,
+        first.since,
+        last.cursor,
+        last.digest,
+        tuple((k, v) for k, v in ops.items() if v is not None),
+        tuple(k for k, v in ops.items() if v is None),
+        last.meta_revision,
+        meta,
+    )
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ from replicad.messages import (
     Response,
     SnapshotChunk,
     SnapshotRequest,
+    merge_pushes,
 )
 
 
@@ -156,8 +157,9 @@ class SyncConfig:
     max_merkle_attempts: int = 3
     """Merkle repairs in a row that may fail verification before a snapshot."""
     max_held_push_bytes: int = 1 << 20
-    """Payload bytes of pushes held while a sync is in flight (merged); a
-    push that would exceed it is treated as a hint (a pull follows)."""
+    """Payload bytes of the pushes held while a sync is in flight. A push
+    larger than this on its own is a hint; one that would take the held
+    pushes over it replaces them (the gap then costs a pull)."""
 
     def __post_init__(self) -> None:
         if self.poll_interval <= 0 or self.backoff_base <= 0:
@@ -298,8 +300,11 @@ class ReplicaSync:
         self._merkle_attempts = 0
         self._mismatches_in_row = 0
         self._streaming = False
-        self._held: DiffPush | None = None
-        """Pushes that arrived while busy, merged (see :meth:`pushed`)."""
+        self._held: list[DiffPush] = []
+        """Pushes that arrived while busy, each starting where the one
+        before it ends (see :meth:`pushed`); ``_held_bytes`` their payload."""
+        self._held_bytes = 0
+        self._pull_requested = False
 
     # ------------------------------------------------------------------ API
 
@@ -322,9 +327,8 @@ class ReplicaSync:
             self._retry_at = None
             self._restart_step()
         elif self.phase is Phase.IDLE:
-            held, self._held = self._held, None
-            if held is not None and not self._take_push(held):
-                self.hint(held.hint, now)  # a gap, or already covered
+            if self._held:
+                self._take_held()
             if self._pending is not None:
                 pass
             elif self.cursor is None:
@@ -357,44 +361,66 @@ class ReplicaSync:
         ``push.since`` with the push's definition revision (or the push
         carries the definition). Held when the machine is busy with a sync
         (an apply or a pull in flight) that may end where the push starts:
-        pushes arriving meanwhile are merged (:meth:`DiffPush.follow`, up to
-        ``SyncConfig.max_held_push_bytes``) and the merge is taken once the
-        machine is idle, if it starts at the cursor then. Anything else --
-        and a held push that does not start at the cursor -- is treated as a
-        hint, so a gap or a race only costs a pull. Returns True when taken
-        or held."""
+        the pushes that follow it are held after it (up to
+        ``SyncConfig.max_held_push_bytes`` in all) and, once the machine is
+        idle, those not yet covered are merged into one Apply if they start
+        exactly at the cursor then. Anything else is treated as a hint, so
+        a gap or a race only costs a pull. Returns True when taken or held."""
         if push.dataset != self.dataset:
             return False
         self._learn(push.cursor)
-        if self._take_push(push):
+        if not self._held and self._take_push(push):
             return True
-        cursor = self.cursor
-        busy = self._outstanding is not None or self._pending is not None
-        if (
-            busy
-            and self._retry_at is None
-            and cursor is not None
-            and push.since.epoch == cursor.epoch
-            and push.since.version >= cursor.version
-        ):
-            limit = self.config.max_held_push_bytes
-            held = self._held
-            if held is not None:
-                merged = held.follow(push, limit)
-                if merged is not None:
-                    self._held = merged
-                    return True
-                if (
-                    held.cursor.epoch == push.cursor.epoch
-                    and push.cursor.version <= held.cursor.version
-                ):
-                    self.hint(push.hint, now)  # late or repeated: nothing newer
-                    return False
-            if push.size <= limit:
-                self._held = push  # newer than what was held: a gap pulls later
-                return True
+        if self._hold(push):
+            return True
         self.hint(push.hint, now)
         return False
+
+    def _hold(self, push: DiffPush) -> bool:
+        """Keep ``push`` for when the sync in flight ends (see :meth:`pushed`)."""
+        cursor = self.cursor
+        if (
+            cursor is None
+            or self._retry_at is not None
+            or push.since.epoch != cursor.epoch
+            or push.since.version < cursor.version
+        ):
+            return False
+        limit = self.config.max_held_push_bytes
+        held = self._held
+        if held:
+            last = held[-1]
+            if push.since == last.cursor and self._held_bytes + push.size <= limit:
+                held.append(push)
+                self._held_bytes += push.size
+                return True
+            if (
+                push.cursor.epoch == last.cursor.epoch
+                and push.cursor.version <= last.cursor.version
+            ):
+                return False  # late or repeated: nothing newer
+        elif self._outstanding is None and self._pending is None:
+            return False  # idle: nothing to wait for
+        if push.size > limit:
+            return False
+        # newer than what was held (a gap, or over the limit): start again
+        self._held, self._held_bytes = [push], push.size
+        return True
+
+    def _take_held(self) -> None:
+        """Once idle: take the held pushes not yet covered, merged, if they
+        start at the cursor. Otherwise drop them: ``_finish`` has already
+        asked for a pull if the origin is ahead (the pushes' cursors were
+        learned when they arrived)."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        cursor = self.cursor
+        if cursor is None:
+            return
+        chain = [
+            p for p in held if p.cursor.epoch == cursor.epoch and p.cursor.version > cursor.version
+        ]
+        if chain and chain[0].since == cursor:
+            self._take_push(merge_pushes(chain))
 
     def _take_push(self, push: DiffPush) -> bool:
         """Make ``push`` the next Apply if the machine is idle exactly at its
@@ -422,8 +448,10 @@ class ReplicaSync:
         return False
 
     def request_pull(self) -> None:
-        """Ask for a pull at the next opportunity (e.g. an anti-entropy tick)."""
+        """Ask for a pull at the next opportunity (e.g. an anti-entropy tick);
+        a sync that ends meanwhile does not cancel it, only a pull does."""
         self._pull_wanted = True
+        self._pull_requested = True
 
     def response(self, resp: Response, now: float) -> None:
         """Feed the answer to the outstanding request.
@@ -543,7 +571,7 @@ class ReplicaSync:
         ):
             self._pull_wanted = True  # a hint arrived while we were busy
         else:
-            self._pull_wanted = False
+            self._pull_wanted = self._pull_requested
 
     def _restart_step(self) -> None:
         """After a backoff: retry the current phase's step from durable state."""
@@ -567,7 +595,7 @@ class ReplicaSync:
     def _begin_diff(self) -> None:
         assert self.cursor is not None
         self.phase = Phase.DIFF
-        self._pull_wanted = False
+        self._pull_wanted = self._pull_requested = False
         self._send(DiffRequest(self.dataset, self.cursor, self.meta_revision))
 
     # --- snapshot

@@ -15,7 +15,7 @@ from replicad.errors import SyncUsageError
 from replicad.loopback import LoopbackDriver as Driver
 from replicad.memory import MemoryDataset, MemoryMirror
 from replicad.merkle import Geometry, MerkleTree
-from replicad.messages import Cursor, DiffPush, Hint, MetaBlob
+from replicad.messages import Cursor, DiffPush, Hint, MetaBlob, merge_pushes
 from replicad.replica import Apply, Phase, ReplicaSync, Send, SyncConfig, Wait
 from replicad.responder import ResponderConfig, respond, snapshot_chunk
 from replicad.version_queue import policy_by_name
@@ -296,6 +296,64 @@ def test_a_late_push_does_not_replace_a_newer_held_one() -> None:
     assert not sync.pushed(second, 0.1)  # repeated: nothing newer, a hint
     assert not sync.pushed(first_push, 0.1)  # late
     assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    before = driver.requests
+    driver.run(0.1)
+    assert_same(mirror, origin)
+    assert driver.requests == before
+
+
+def test_held_pushes_merge_in_one_pass_like_following_one_by_one() -> None:
+    origin = make_origin(20)
+    pushes = []
+    for i in range(6):
+        origin.write({b"k%05d" % (i % 3): b"w%d" % i, b"n%d" % i: b"x"}, [b"n%d" % (i - 1)])
+        pushes.append(last_push(origin))
+    one_by_one = pushes[0]
+    for p in pushes[1:]:
+        merged = one_by_one.follow(p)
+        assert merged is not None
+        one_by_one = merged
+    together = merge_pushes(pushes)
+    assert together.cursor == origin.cursor and together.digest == origin.digest
+    assert dict(together.upserts) == dict(one_by_one.upserts)
+    assert set(together.deletes) == set(one_by_one.deletes)
+    assert merge_pushes(pushes[:1]) is pushes[0]
+
+
+def test_a_requested_pull_survives_a_held_push_taken_first() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"b": b"2"})
+    assert sync.pushed(last_push(origin), 0.1)  # held
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)
+    origin.write({b"c": b"3"})  # no push or hint for this one
+    sync.request_pull()
+    before = driver.requests
+    driver.run(0.1)  # the held push first, then the requested pull
+    assert_same(mirror, origin)
+    assert driver.request_kinds[before:] == ["DiffRequest"]
+
+
+def test_a_push_between_an_apply_and_the_next_action_joins_the_held_ones() -> None:
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"b": b"2"})
+    assert sync.pushed(last_push(origin), 0.1)  # held
+    assert mirror.apply(first)
+    sync.applied(True, 0.1)  # idle now, the held push not yet taken
+    origin.write({b"c": b"3"})
+    assert sync.pushed(last_push(origin), 0.1)  # held after it, not a hint
+    merged = sync.next_action(0.1)
+    assert isinstance(merged, Apply) and merged.cursor == origin.cursor
+    assert mirror.apply(merged)
     sync.applied(True, 0.1)
     before = driver.requests
     driver.run(0.1)
