@@ -38,6 +38,7 @@ import contextlib
 import json
 import re
 import ssl
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -82,7 +83,7 @@ from replicad.messages import (
     from_wire,
     to_wire,
 )
-from replicad.writer import BatchingWriter, WriteAck, key_bytes
+from replicad.writer import DEFAULT_MAX_BATCH, BatchingWriter, WriteAck, key_bytes
 
 __all__ = [
     "DEFAULT_URL",
@@ -348,6 +349,8 @@ class OriginClient:
             transport=transport,
             verify=_verify(verify),
         )
+        self._writers: dict[str, BatchingWriter] = {}
+        self._writers_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -528,10 +531,22 @@ class OriginClient:
             msgpack_body=use_msgpack,
         )
 
-    def writer(self, name: str, *, max_batch: int = 1000) -> BatchingWriter:
-        """A :class:`~replicad.writer.BatchingWriter` for dataset ``name``:
-        single-record writes from many threads, coalesced into batches."""
-        return BatchingWriter(self, name, max_batch=max_batch)
+    def writer(self, name: str, *, max_batch: int | None = None) -> BatchingWriter:
+        """The :class:`~replicad.writer.BatchingWriter` of dataset ``name``:
+        single-record writes from many threads, coalesced into batches. The
+        same writer for a dataset every time (batches form only among writes
+        sharing one). ``max_batch`` (default 1,000) is set by the first call;
+        a later call asking for another raises ConfigError."""
+        with self._writers_lock:
+            writer = self._writers.get(name)
+            if writer is None:
+                writer = BatchingWriter(self, name, max_batch=max_batch or DEFAULT_MAX_BATCH)
+                self._writers[name] = writer
+            elif max_batch is not None and max_batch != writer.max_batch:
+                raise ConfigError(
+                    f"the writer of {name!r} has max_batch {writer.max_batch}, not {max_batch}"
+                )
+            return writer
 
     # ------------------------------------------------------------ reads
 

@@ -8,10 +8,12 @@ millisecond and a half of CPU in request handling, whatever the batch
 holds, and every version it commits is pushed to every subscribed sidecar.
 Applications that produce records one at a time (a feature pipeline
 updating one user per event) would spend most of the origin on that fixed
-cost. :class:`BatchingWriter` sends one request at a time per dataset; the
-writes that arrive while a request is in flight wait and go together in the
-next one (adaptive batching, as group commit does for fsync: there is no
-timer, so a lone write is sent at once and a burst shares one request).
+cost. :class:`BatchingWriter` sends one request at a time (one writer per
+dataset, shared by every thread: :meth:`OriginClient.writer` hands out the
+same one for a dataset each time); the writes that arrive while a request
+is in flight wait and go together in the next one (adaptive batching, as
+group commit does for fsync: there is no timer, so a lone write is sent at
+once and a burst shares one request).
 
 * **Ordering.** Writes are sent in the order they were submitted, one
   request in flight per writer, so a later write of a key never lands before
@@ -25,13 +27,18 @@ timer, so a lone write is sent at once and a burst shares one request).
 * **Errors stay with their write.** The origin applies a batch whole or not
   at all. When it refuses a batch because of what is in it (a schema
   violation, a key too long, a malformed value: :class:`RecordError`,
-  :class:`InvalidKeyError`, :class:`BadRequestError`), every write of that
-  batch is sent again alone, so each caller gets its own answer and one bad
-  record does not fail its neighbours. Errors about the request as a whole
-  (the origin unreachable, authentication, an unknown dataset, a storage
-  failure) are raised to every caller of the batch: after
+  :class:`InvalidKeyError`, :class:`BadRequestError`), the batch is split in
+  halves, each sent in turn, down to the write at fault: each caller gets
+  its own answer, one bad record does not fail its neighbours, and finding
+  it costs a few requests, not one per write. Errors about the request as a
+  whole (the origin unreachable, authentication, an unknown dataset, a
+  storage failure, an acknowledgement that cannot be read) are raised to
+  every caller of the batch, and nothing more of it is resent: after
   :class:`OriginUnavailableError` the batch may or may not have been
-  committed, exactly as for a single write, and it is not resent.
+  committed, exactly as for a single write. A write whose caller is
+  interrupted (a KeyboardInterrupt, say) before it was sent is taken out of
+  the queue, never sent later; one interrupted in flight ends with
+  :class:`OriginUnavailableError` (outcome unknown) for its batch.
 * **No thread of its own.** The first caller that finds no request in
   flight sends the pending batch from its own thread (the leader) and keeps
   sending until its own write is answered; then the next waiting caller
@@ -40,6 +47,7 @@ timer, so a lone write is sent at once and a burst shares one request).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +58,7 @@ from replicad.errors import (
     ConfigError,
     InvalidKeyError,
     OriginUnavailableError,
+    ProtocolError,
     RecordError,
 )
 
@@ -74,8 +83,8 @@ class WriteAck:
     batched: int
 
 
-_SPLIT_ON = (RecordError, InvalidKeyError, BadRequestError, TypeError, ValueError)
-"""Refusals caused by what a batch holds: each write is then sent alone."""
+_SPLIT_ON = (RecordError, InvalidKeyError, BadRequestError)
+"""Refusals caused by what a batch holds: the batch is then split."""
 
 
 class _Write:
@@ -135,28 +144,43 @@ class BatchingWriter:
     def _submit(self, write: _Write) -> WriteAck:
         with self._cond:
             self._pending.append(write)
-            while not write.done and self._sending:
-                self._cond.wait()
+            try:
+                while not write.done and self._sending:
+                    self._cond.wait()
+            except BaseException:
+                self._withdraw(write)  # interrupted while waiting
+                raise
             if not write.done:
                 self._sending = True  # this thread leads until its write is answered
         if not write.done:
             try:
                 while not write.done:
-                    with self._cond:
-                        batch = self._take()
+                    batch: list[_Write] = []
                     try:
+                        with self._cond:
+                            batch = self._take()
                         self._send(batch)
                     finally:
+                        _settle_unanswered(batch)
                         with self._cond:
                             self._cond.notify_all()
             finally:
                 with self._cond:
+                    self._withdraw(write)  # the leader was interrupted before its turn
                     self._sending = False
                     self._cond.notify_all()
         if write.error is not None:
-            raise write.error
+            raise _for_this_caller(write.error)
         assert write.ack is not None
         return write.ack
+
+    def _withdraw(self, write: _Write) -> None:
+        """Take a write whose caller is gone out of the queue, if it was never
+        sent (so it is known not to be committed); called with the lock held."""
+        if not write.done and write in self._pending:
+            self._pending.remove(write)
+            write.error = OriginUnavailableError("the write was interrupted before it was sent")
+            write.done = True
 
     def _take(self) -> list[_Write]:
         """The next batch from the front of the queue: at most ``max_batch``
@@ -171,36 +195,69 @@ class BatchingWriter:
         batch, self._pending[:n] = self._pending[:n], []
         return batch
 
-    def _send(self, batch: list[_Write]) -> None:
-        """Send ``batch`` as one request and settle each write (never raises
-        for what the origin answers; an interruption settles the rest)."""
-        try:
-            try:
-                acked = self._request(batch)
-            except _SPLIT_ON as exc:
-                if len(batch) == 1:
-                    batch[0].error = exc
-                else:
-                    for write in batch:
-                        self._send([write])
-            except Exception as exc:  # the whole request failed: every caller gets it
-                for write in batch:
-                    write.error = exc
-            else:
-                for write in batch:
-                    write.ack = acked
-        finally:
-            for write in batch:
-                if write.ack is None and write.error is None:
-                    write.error = OriginUnavailableError(
-                        "the write was interrupted before the origin answered; "
-                        "it may or may not have been committed"
-                    )
-                write.done = True
-
-    def _request(self, batch: list[_Write]) -> WriteAck:
+    def _send(self, batch: list[_Write]) -> BaseException | None:
+        """Send ``batch`` and settle its writes. A refusal for the batch's
+        content splits it in halves, each sent in turn, down to the write
+        at fault; an error of the request as a whole settles every write
+        not yet settled with it, and is returned so no more is resent."""
+        if not batch:
+            return None
         upserts = {w.key: w.record for w in batch if not w.delete}
         deletes = [w.key for w in batch if w.delete]
         self.requests += 1
-        result = self.client.write(self.dataset, upserts, deletes)
-        return WriteAck(self.dataset, str(result["epoch"]), int(result["version"]), len(batch))
+        try:
+            result = self.client.write(self.dataset, upserts, deletes)
+        except _SPLIT_ON as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                batch[0].done = True
+                return None
+            half = len(batch) // 2
+            fatal = self._send(batch[:half])
+            if fatal is None:
+                return self._send(batch[half:])
+            _settle(batch[half:], fatal)
+            return fatal
+        except Exception as exc:  # the request as a whole failed
+            _settle(batch, exc)
+            return exc
+        try:
+            ack = WriteAck(self.dataset, str(result["epoch"]), int(result["version"]), len(batch))
+        except (KeyError, TypeError, ValueError) as exc:
+            # committed or not, we cannot tell: never resent
+            error = ProtocolError(f"write {self.dataset}: unreadable acknowledgement: {exc!r}")
+            _settle(batch, error)
+            return error
+        for write in batch:
+            write.ack = ack
+            write.done = True
+        return None
+
+
+def _settle(batch: list[_Write], error: BaseException) -> None:
+    for write in batch:
+        if not write.done:
+            write.error = error
+            write.done = True
+
+
+def _settle_unanswered(batch: list[_Write]) -> None:
+    """After an interruption mid-request: the outcome is unknown."""
+    _settle(
+        batch,
+        OriginUnavailableError(
+            "the write was interrupted before the origin answered; "
+            "it may or may not have been committed"
+        ),
+    )
+
+
+def _for_this_caller(error: BaseException) -> BaseException:
+    """A copy of ``error`` for one of the callers of a batch (one exception
+    object raised in many threads would collect all their tracebacks)."""
+    try:
+        own = copy.copy(error)
+    except Exception:  # an exception that cannot be copied: share it
+        return error
+    own.__cause__ = error.__cause__
+    return own

@@ -23,8 +23,10 @@ from replicad.errors import (
     BadRequestError,
     ConfigError,
     OriginUnavailableError,
+    ProtocolError,
     RecordError,
 )
+from replicad.writer import _Write
 from tests.origin_proc import OriginProcess
 
 EPOCH = "00" * 16
@@ -42,6 +44,8 @@ class FakeOrigin:
         self.entered = threading.Semaphore(0)
         self.refuse: Callable[[dict[Any, Any]], tuple[int, str] | None] = lambda body: None
         self.raise_in_request: BaseException | None = None
+        self.raise_on_key: tuple[bytes, BaseException] | None = None
+        self.answer_override: dict[str, Any] | None = None
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = msgpack.unpackb(request.content, raw=False)
@@ -51,6 +55,8 @@ class FakeOrigin:
             assert self.gate.wait(10), "the test never released the request"
         if self.raise_in_request is not None:
             raise self.raise_in_request
+        if self.raise_on_key is not None and self.raise_on_key[0] in body["upserts"]:
+            raise self.raise_on_key[1]
         refusal = self.refuse(body)
         if refusal is not None:
             status, code = refusal
@@ -58,7 +64,7 @@ class FakeOrigin:
             return httpx.Response(status, content=json.dumps(doc).encode())
         self.version += 1
         result = {"dataset": "d", "epoch": EPOCH, "version": self.version}
-        return httpx.Response(200, json=result)
+        return httpx.Response(200, json=self.answer_override or result)
 
 
 @pytest.fixture
@@ -105,16 +111,21 @@ def _behind_a_request(
     writer: BatchingWriter, fake: FakeOrigin, calls: Sequence[Callable[[], Any]]
 ) -> tuple[Any, list[Any]]:
     """Send one write and, while the origin holds its request, queue
-    ``calls`` (a thread each); then let the origin answer. Returns the first
+    ``calls`` in order (a thread each); then let the origin answer. Returns the first
     write's result and the calls' results."""
     fake.gate = threading.Event()
     first, t0 = _in_threads([partial(writer.upsert, "first", {"v": 0})])
     assert fake.entered.acquire(timeout=10)
-    results, threads = _in_threads(calls)
-    _wait_pending(writer, len(calls))
+    results: list[Any] = []
+    threads: list[threading.Thread] = []
+    for i, call in enumerate(calls):  # one at a time: the queue is in this order
+        result, started = _in_threads([call])
+        results.append(result)
+        threads += started
+        _wait_pending(writer, i + 1)
     fake.gate.set()
     _join(t0 + threads)
-    return first[0], results
+    return first[0], [r[0] for r in results]
 
 
 def test_a_lone_write_is_sent_at_once(client: OriginClient, fake: FakeOrigin) -> None:
@@ -182,7 +193,7 @@ def test_max_batch_bounds_a_request(client: OriginClient, fake: FakeOrigin) -> N
 
 def test_a_refused_record_fails_alone(client: OriginClient, fake: FakeOrigin) -> None:
     """The origin refuses any batch holding key "bad" (400 schema_violation):
-    the batch is resent one write at a time; only the bad write fails."""
+    the batch is split in halves down to the bad write; only it fails."""
     writer = client.writer("d")
     fake.refuse = lambda body: (400, "schema_violation") if b"bad" in body["upserts"] else None
     keys = ["g1", "bad", "g2", "g3"]
@@ -191,17 +202,40 @@ def test_a_refused_record_fails_alone(client: OriginClient, fake: FakeOrigin) ->
     )
     by_key = dict(zip(keys, results, strict=True))
     assert isinstance(by_key["bad"], RecordError) and "schema_violation" in str(by_key["bad"])
-    good = [by_key[k] for k in ("g1", "g2", "g3")]
-    assert all(isinstance(r, WriteAck) and r.batched == 1 for r in good)
-    # the batch of four, then each alone in queue order
+    assert [by_key[k].batched for k in ("g1", "g2", "g3")] == [1, 2, 2]
     assert [list(b["upserts"]) for b in fake.bodies[1:]] == [
         [b"g1", b"bad", b"g2", b"g3"],
+        [b"g1", b"bad"],
         [b"g1"],
         [b"bad"],
-        [b"g2"],
-        [b"g3"],
+        [b"g2", b"g3"],
     ]
     assert writer.requests == 6
+
+
+def test_an_origin_failing_during_a_split_stops_the_resending(
+    client: OriginClient, fake: FakeOrigin
+) -> None:
+    """A refused batch of 8 is split; the origin then fails outright: the
+    writes not yet answered all get that error and none is sent again."""
+    writer = client.writer("d")
+    answers = iter([(400, "schema_violation"), (503, "unavailable")])
+    fake.refuse = lambda body: None if b"first" in body["upserts"] else next(answers)
+    calls = [partial(writer.upsert, f"k{i}", {"v": i}) for i in range(8)]
+    _, results = _behind_a_request(writer, fake, calls)
+    assert all(isinstance(r, OriginUnavailableError) for r in results)
+    assert [len(b["upserts"]) for b in fake.bodies] == [1, 8, 4]  # not 8 more
+    assert writer.requests == 3
+
+
+def test_an_unreadable_acknowledgement_is_not_resent(
+    client: OriginClient, fake: FakeOrigin
+) -> None:
+    writer = client.writer("d")
+    fake.answer_override = {"dataset": "d", "epoch": EPOCH, "version": None}
+    with pytest.raises(ProtocolError, match="unreadable acknowledgement"):
+        writer.upsert("a", {"v": 1})
+    assert len(fake.bodies) == 1
 
 
 @pytest.mark.parametrize(
@@ -216,6 +250,8 @@ def test_an_error_of_the_whole_request_reaches_every_caller_unresent(
     calls = [partial(writer.upsert, f"k{i}", {"v": i}) for i in range(4)]
     first, results = _behind_a_request(writer, fake, calls)
     assert all(isinstance(r, error) for r in [first, *results])
+    assert len({id(r) for r in results}) == len(results)  # each caller its own copy
+    assert all(str(r) == str(first) for r in results)
     assert len(fake.bodies) == 2  # nothing resent
 
 
@@ -253,6 +289,41 @@ def test_an_interrupted_leader_settles_its_batch_and_hands_over(
     assert "may or may not have been committed" in str(unknown[0])
     fake.gate, fake.raise_in_request = None, None
     assert writer.upsert("after", {"v": 1}).batched == 1
+
+
+def test_a_leader_interrupted_before_its_own_turn_withdraws_its_write(
+    client: OriginClient, fake: FakeOrigin
+) -> None:
+    """Batches of one. Another caller's write "c" waits in the queue (its
+    thread asleep) when this thread arrives with "b" and leads: it sends
+    "c" first, and that request is interrupted. "c" ends as an unknown
+    outcome; "b" was never sent, so it is taken out of the queue -- not
+    sent with some later write after its caller saw the exception."""
+
+    class Stop(BaseException):
+        pass
+
+    writer = BatchingWriter(client, "d", max_batch=1)
+    waiting = _Write(b"c", {"v": 1}, False)
+    writer._pending.append(waiting)  # as if its caller were asleep in wait()
+    fake.raise_on_key = (b"c", Stop())
+    with pytest.raises(Stop):
+        writer.upsert("b", {"v": 1})
+    assert waiting.done and isinstance(waiting.error, OriginUnavailableError)
+    assert "may or may not have been committed" in str(waiting.error)
+    assert writer._pending == [] and not writer._sending
+    fake.raise_on_key = None
+    assert writer.upsert("later", {"v": 2}).batched == 1
+    assert [list(b["upserts"]) for b in fake.bodies] == [[b"c"], [b"later"]]
+
+
+def test_the_client_hands_out_one_writer_per_dataset(client: OriginClient) -> None:
+    assert client.writer("d") is client.writer("d")
+    assert client.writer("e") is not client.writer("d")
+    assert client.writer("d").max_batch == 1000
+    with pytest.raises(ConfigError, match="max_batch 1000, not 5"):
+        client.writer("d", max_batch=5)
+    assert client.writer("f", max_batch=5).max_batch == 5
 
 
 def test_bad_arguments(client: OriginClient) -> None:
