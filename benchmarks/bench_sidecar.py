@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ import msgpack
 
 from benchmarks.common import Row
 from benchmarks.procs import Proc, free_port, wait
-from replicad.client import OriginClient
+from replicad.client import OriginClient, Records
 from replicad.codec import DatasetCodec
 from replicad.errors import ReplicadError
 from replicad.sample import seed_like_record, seed_like_schema
@@ -291,6 +291,28 @@ class _Propagation:
     """Mean time between two polls of one reader process."""
 
 
+class _StampingClient(OriginClient):
+    """Notes when each write's answer arrived (``answered[version]``): the
+    writes of a batch are acknowledged then, however late their threads
+    wake up to see it."""
+
+    def __init__(self, base_url: str, *, timeout: float) -> None:
+        super().__init__(base_url, timeout=timeout)
+        self.answered: dict[int, int] = {}
+
+    def write(
+        self,
+        name: str,
+        upserts: Records,
+        deletes: Iterable[str | bytes] = (),
+        *,
+        use_msgpack: bool = True,
+    ) -> dict[str, Any]:
+        result = super().write(name, upserts, deletes, use_msgpack=use_msgpack)
+        self.answered[int(result["version"])] = time.monotonic_ns()
+        return result
+
+
 def _write_paced(
     origin: str,
     writes: list[tuple[bytes, dict[str, Any]]],
@@ -316,7 +338,7 @@ def _write_paced(
         if not batching
         else []
     )
-    shared = OriginClient(origin, timeout=30) if batching else None
+    shared = _StampingClient(origin, timeout=30) if batching else None
     writer = shared.writer(DATASET) if shared is not None else None
     start = time.monotonic() + 0.1
     end = start + len(writes) / rate
@@ -335,11 +357,12 @@ def _write_paced(
                     delay = start + i / rate - now
                     if delay > 0:
                         time.sleep(delay)
-                    if writer is not None:
+                    if shared is not None and writer is not None:
                         version = writer.upsert(*writes[i]).version
+                        acked = shared.answered[version]  # not when this thread woke
                     else:
                         version = _post(client, bodies[i])
-                    acked = time.monotonic_ns()
+                        acked = time.monotonic_ns()
                     acks.append((version, acked))
         except BaseException as exc:
             errors.append(exc)
