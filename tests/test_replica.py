@@ -208,12 +208,42 @@ def test_a_push_held_across_a_failed_pull_and_a_lying_push_is_repaired() -> None
     assert_same(mirror, origin)
 
 
+def _report(mirror: MemoryMirror, sync: ReplicaSync, batch: Apply, now: float) -> None:
+    """Apply the outstanding ``batch`` to ``mirror`` and report it."""
+    assert mirror.apply(batch)
+    sync.applied(True, now)
+
+
+def _run_and_check(
+    driver: Driver, mirror: MemoryMirror, origin: MemoryDataset, now: float
+) -> list[str]:
+    """Run the machine until it waits; the mirror must then equal the
+    origin. Returns the kinds of the requests it sent meanwhile."""
+    before = len(driver.request_kinds)
+    driver.run(now)
+    assert_same(mirror, origin)
+    return driver.request_kinds[before:]
+
+
 def _start_push_apply(sync: ReplicaSync, origin: MemoryDataset, now: float) -> Apply:
     """Feed the origin's last push and return its Apply, now outstanding."""
     assert sync.pushed(last_push(origin), now)
     action = sync.next_action(now)
     assert isinstance(action, Apply) and sync.busy
     return action
+
+
+def _one_applying_one_held() -> tuple[MemoryDataset, MemoryMirror, ReplicaSync, Driver, Apply]:
+    """A synced replica applying the push of ``a=1`` (returned, outstanding)
+    while the push of ``b=2`` arrives and is held."""
+    origin = make_origin(20)
+    mirror, sync, driver = connect(origin)
+    driver.run(0.0)
+    origin.write({b"a": b"1"})
+    first = _start_push_apply(sync, origin, 0.1)
+    origin.write({b"b": b"2"})
+    assert sync.pushed(last_push(origin), 0.1)  # held
+    return origin, mirror, sync, driver, first
 
 
 def test_pushes_arriving_during_an_apply_are_merged_and_applied_after_it() -> None:
@@ -275,12 +305,8 @@ def test_a_held_push_with_a_gap_before_it_pulls() -> None:
     origin.write({b"lost": b"1"})  # its push never arrives
     origin.write({b"b": b"2"})
     assert sync.pushed(last_push(origin), 0.1)
-    assert mirror.apply(first)
-    sync.applied(True, 0.1)
-    before = driver.requests
-    driver.run(0.1)
-    assert_same(mirror, origin)
-    assert driver.request_kinds[before:] == ["DiffRequest"]
+    _report(mirror, sync, first, 0.1)
+    assert _run_and_check(driver, mirror, origin, 0.1) == ["DiffRequest"]
 
 
 def test_a_late_push_does_not_replace_a_newer_held_one() -> None:
@@ -295,12 +321,8 @@ def test_a_late_push_does_not_replace_a_newer_held_one() -> None:
     assert sync.pushed(second, 0.1)
     assert not sync.pushed(second, 0.1)  # repeated: nothing newer, a hint
     assert not sync.pushed(first_push, 0.1)  # late
-    assert mirror.apply(first)
-    sync.applied(True, 0.1)
-    before = driver.requests
-    driver.run(0.1)
-    assert_same(mirror, origin)
-    assert driver.requests == before
+    _report(mirror, sync, first, 0.1)
+    assert _run_and_check(driver, mirror, origin, 0.1) == []
 
 
 def test_held_pushes_merge_in_one_pass_like_following_one_by_one() -> None:
@@ -322,43 +344,23 @@ def test_held_pushes_merge_in_one_pass_like_following_one_by_one() -> None:
 
 
 def test_a_requested_pull_survives_a_held_push_taken_first() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
-    origin.write({b"a": b"1"})
-    first = _start_push_apply(sync, origin, 0.1)
-    origin.write({b"b": b"2"})
-    assert sync.pushed(last_push(origin), 0.1)  # held
-    assert mirror.apply(first)
-    sync.applied(True, 0.1)
+    origin, mirror, sync, driver, first = _one_applying_one_held()
+    _report(mirror, sync, first, 0.1)
     origin.write({b"c": b"3"})  # no push or hint for this one
     sync.request_pull()
-    before = driver.requests
-    driver.run(0.1)  # the held push first, then the requested pull
-    assert_same(mirror, origin)
-    assert driver.request_kinds[before:] == ["DiffRequest"]
+    # the held push first, then the requested pull
+    assert _run_and_check(driver, mirror, origin, 0.1) == ["DiffRequest"]
 
 
 def test_a_push_between_an_apply_and_the_next_action_joins_the_held_ones() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
-    origin.write({b"a": b"1"})
-    first = _start_push_apply(sync, origin, 0.1)
-    origin.write({b"b": b"2"})
-    assert sync.pushed(last_push(origin), 0.1)  # held
-    assert mirror.apply(first)
-    sync.applied(True, 0.1)  # idle now, the held push not yet taken
+    origin, mirror, sync, driver, first = _one_applying_one_held()
+    _report(mirror, sync, first, 0.1)  # idle now, the held push not yet taken
     origin.write({b"c": b"3"})
     assert sync.pushed(last_push(origin), 0.1)  # held after it, not a hint
     merged = sync.next_action(0.1)
     assert isinstance(merged, Apply) and merged.cursor == origin.cursor
-    assert mirror.apply(merged)
-    sync.applied(True, 0.1)
-    before = driver.requests
-    driver.run(0.1)
-    assert_same(mirror, origin)
-    assert driver.requests == before
+    _report(mirror, sync, merged, 0.1)
+    assert _run_and_check(driver, mirror, origin, 0.1) == []
 
 
 def test_a_push_larger_than_the_hold_limit_is_a_hint() -> None:
@@ -369,12 +371,8 @@ def test_a_push_larger_than_the_hold_limit_is_a_hint() -> None:
     first = _start_push_apply(sync, origin, 0.1)
     origin.write({b"big": b"x" * 20})
     assert not sync.pushed(last_push(origin), 0.1)
-    assert mirror.apply(first)
-    sync.applied(True, 0.1)
-    before = driver.requests
-    driver.run(0.1)
-    assert_same(mirror, origin)
-    assert driver.request_kinds[before:] == ["DiffRequest"]
+    _report(mirror, sync, first, 0.1)
+    assert _run_and_check(driver, mirror, origin, 0.1) == ["DiffRequest"]
     with pytest.raises(ValueError, match="max_held_push_bytes"):
         SyncConfig(max_held_push_bytes=-1)
 
