@@ -224,21 +224,7 @@ class DiffPush:
         would carry more than ``max_bytes`` (see :attr:`size`)."""
         if later.dataset != self.dataset or later.since != self.cursor:
             return None
-        gone = set(later.deletes)
-        ups = {k: v for k, v in self.upserts if k not in gone}
-        ups.update(later.upserts)
-        dels = dict.fromkeys(d for d in self.deletes if d not in ups)
-        dels.update(dict.fromkeys(later.deletes))
-        merged = DiffPush(
-            self.dataset,
-            self.since,
-            later.cursor,
-            later.digest,
-            tuple(ups.items()),
-            tuple(dels),
-            later.meta_revision,
-            later.meta if later.meta is not None else self.meta,
-        )
+        merged = merge_pushes((self, later))
         return merged if max_bytes is None or merged.size <= max_bytes else None
 
 
@@ -246,8 +232,9 @@ def merge_pushes(chain: Sequence[DiffPush]) -> DiffPush:
     """One push equal to ``chain`` (non-empty, each push starting where the
     one before it ends) applied in order: the last write of each key wins,
     the cursor, digest and definition revision are the last push's, ``meta``
-    the newest any of them carries. One pass (:meth:`DiffPush.follow`
-    copies the merge so far for every push it adds)."""
+    the newest any of them carries. One pass over all of them (merging a
+    long chain with :meth:`DiffPush.follow`, two at a time, would copy the
+    merge so far at every step)."""
     first, last = chain[0], chain[-1]
     if len(chain) == 1:
         return first

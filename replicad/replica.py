@@ -326,12 +326,8 @@ class ReplicaSync:
                 return Wait(self._retry_at)
             self._retry_at = None
             self._restart_step()
-        elif self.phase is Phase.IDLE:
-            if self._held:
-                self._take_held()
-            if self._pending is not None:
-                pass
-            elif self.cursor is None:
+        elif self.phase is Phase.IDLE and not self._take_held():
+            if self.cursor is None:
                 self._begin_initial()
             elif self._pull_wanted or now >= self._next_poll:
                 self._begin_diff()
@@ -407,20 +403,19 @@ class ReplicaSync:
         self._held, self._held_bytes = [push], push.size
         return True
 
-    def _take_held(self) -> None:
+    def _take_held(self) -> bool:
         """Once idle: take the held pushes not yet covered, merged, if they
-        start at the cursor. Otherwise drop them: ``_finish`` has already
-        asked for a pull if the origin is ahead (the pushes' cursors were
-        learned when they arrived)."""
+        start at the cursor (True: their Apply is next). Otherwise drop
+        them: ``_finish`` has already asked for a pull if the origin is
+        ahead (the pushes' cursors were learned when they arrived)."""
         held, self._held, self._held_bytes = self._held, [], 0
         cursor = self.cursor
-        if cursor is None:
-            return
+        if not held or cursor is None:
+            return False
         chain = [
             p for p in held if p.cursor.epoch == cursor.epoch and p.cursor.version > cursor.version
         ]
-        if chain and chain[0].since == cursor:
-            self._take_push(merge_pushes(chain))
+        return bool(chain) and chain[0].since == cursor and self._take_push(merge_pushes(chain))
 
     def _take_push(self, push: DiffPush) -> bool:
         """Make ``push`` the next Apply if the machine is idle exactly at its
