@@ -96,10 +96,8 @@ from replicad.http_body import (
     HttpError,
     check_object,
     decode_document,
-    decode_write_document,
     key_text,
-    parse_batch,
-    parse_replace,
+    parse_write,
 )
 from replicad.ingest_pool import IngestPool
 from replicad.merkle import Geometry
@@ -730,13 +728,8 @@ class OriginApp:
                 self._m_ingest.inc(1, "rejected")
                 raise
             self._m_ingest.inc(1, "fallback")
-        doc = decode_write_document(body, is_json)
-        if replace:
-            batch = WriteBatch(name, parse_replace(doc, typed, is_json), (), replace=True)
-        else:
-            upserts, deletes = parse_batch(doc, typed, is_json)
-            batch = WriteBatch(name, upserts, deletes)
-        return await self.service.write(batch)
+        upserts, deletes = parse_write(body, is_json, typed, replace)
+        return await self.service.write(WriteBatch(name, upserts, deletes, replace=replace))
 
     # ---------------------------------------------------------------- operations
 

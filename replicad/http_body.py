@@ -29,6 +29,7 @@ __all__ = [
     "key_text",
     "parse_batch",
     "parse_replace",
+    "parse_write",
     "unwrap_json",
 ]
 
@@ -217,3 +218,15 @@ def parse_replace(doc: Any, typed: bool, is_json: bool) -> dict[bytes, Any]:
     if "records" not in doc:
         raise HttpError(400, "bad_request", "replace needs 'records'")
     return parse_records(doc["records"], typed, is_json, "records")
+
+
+def parse_write(
+    body: bytes, is_json: bool, typed: bool, replace: bool
+) -> tuple[dict[bytes, Any], list[bytes]]:
+    """The upserts and deletes of a ``batch`` body (with ``replace``: the
+    records of a ``replace`` body, and no deletes), decoded
+    (:func:`decode_write_document`) and checked; 400 for anything wrong."""
+    doc = decode_write_document(body, is_json)
+    if replace:
+        return parse_replace(doc, typed, is_json), []
+    return parse_batch(doc, typed, is_json)

@@ -42,7 +42,7 @@ import msgpack
 
 from replicad.codec import DatasetCodec, Dictionary, check_key
 from replicad.errors import CorruptRecordError, ReplicadError
-from replicad.http_body import decode_write_document, parse_batch, parse_replace
+from replicad.http_body import parse_write
 from replicad.origin_types import EncodeFailure, EncodingBasis, PreEncoded, WriteBatch
 from replicad.schema import Schema
 
@@ -196,13 +196,7 @@ def prepare_write(basis: EncodingBasis, body: bytes, is_json: bool, replace: boo
 
 def _prepare_write(basis: EncodingBasis, body: bytes, is_json: bool, replace: bool) -> WriteBatch:
     codec = codec_for(basis)
-    typed = codec.schema is not None
-    doc = decode_write_document(body, is_json)
-    deletes: list[bytes] = []
-    if replace:
-        upserts = parse_replace(doc, typed, is_json)
-    else:
-        upserts, deletes = parse_batch(doc, typed, is_json)
+    upserts, deletes = parse_write(body, is_json, codec.schema is not None, replace)
     records, left = pre_encode(codec, upserts)
     return WriteBatch(
         basis.dataset,

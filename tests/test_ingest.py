@@ -30,7 +30,7 @@ from replicad.errors import (
     UnknownFieldError,
 )
 from replicad.http_app import OriginApp
-from replicad.http_body import HttpError, decode_write_document, parse_batch
+from replicad.http_body import HttpError, parse_batch, parse_write
 from replicad.ingest import codec_for, prepare_write
 from replicad.ingest_pool import IngestPool, open_ingest_pool
 from replicad.origin_types import (
@@ -115,12 +115,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[OriginStore, OriginStore]]:
 def write_both(
     plain: OriginStore, pre: OriginStore, raw: bytes, *, replace: bool = False
 ) -> tuple[WriteResult | ReplicadError, WriteResult | ReplicadError, WriteBatch]:
-    doc = decode_write_document(raw, False)
-    if replace:
-        batch = WriteBatch("up", doc["records"], (), replace=True)
-    else:
-        upserts, deletes = parse_batch(doc, True, False)
-        batch = WriteBatch("up", upserts, deletes)
+    upserts, deletes = parse_write(raw, False, True, replace)
+    batch = WriteBatch("up", upserts, deletes, replace=replace)
     prepared = prepare_write(pre.encoding_basis("up"), raw, False, replace)
     return plain.commit([batch])[0], pre.commit([prepared])[0], prepared
 
@@ -219,7 +215,7 @@ def test_opaque_datasets_and_json_bodies(tmp_path: Path) -> None:
             "deletes": ["gone"],
         }
         raw = json.dumps(doc).encode()
-        upserts, deletes = parse_batch(decode_write_document(raw, True), False, True)
+        upserts, deletes = parse_write(raw, True, False, False)
         prepared = prepare_write(pre.encoding_basis("up"), raw, True, False)
         assert prepared.upserts == {}  # opaque values never wait for a dictionary
         assert same(
@@ -408,7 +404,7 @@ def test_malformed_bodies_get_the_in_process_message(tmp_path: Path, raw: bytes)
     store = open_store(tmp_path / "s")
     try:
         with pytest.raises(HttpError) as in_process:
-            parse_batch(decode_write_document(raw, False), True, False)
+            parse_write(raw, False, True, False)
         with pytest.raises(HttpError) as in_worker:
             prepare_write(store.encoding_basis("up"), raw, False, False)
         assert in_worker.value.status == in_process.value.status == 400
