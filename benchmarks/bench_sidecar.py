@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ import msgpack
 
 from benchmarks.common import Row
 from benchmarks.procs import Proc, free_port, wait
-from replicad.client import OriginClient, Records
+from replicad.client import OriginClient
 from replicad.codec import DatasetCodec
 from replicad.errors import ReplicadError
 from replicad.sample import seed_like_record, seed_like_schema
@@ -300,15 +300,8 @@ class _StampingClient(OriginClient):
         super().__init__(base_url, timeout=timeout)
         self.answered: dict[int, int] = {}
 
-    def write(
-        self,
-        name: str,
-        upserts: Records,
-        deletes: Iterable[str | bytes] = (),
-        *,
-        use_msgpack: bool = True,
-    ) -> dict[str, Any]:
-        result = super().write(name, upserts, deletes, use_msgpack=use_msgpack)
+    def write(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = super().write(*args, **kwargs)
         self.answered[int(result["version"])] = time.monotonic_ns()
         return result
 
