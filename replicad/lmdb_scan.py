@@ -5,17 +5,20 @@ itself): cursor walks, and :class:`LmdbDatasetView`, the
 
 Both keep a dataset in two databases: records (key -> value bytes, in key
 order) and the Merkle leaf index (leaf, 4 bytes big-endian, + key -> the
-16-byte big-endian entry hash)."""
+16-byte big-endian entry hash). The sidecar's leaf index may be incomplete
+for a while after a snapshot load (it is built in the background from a
+position on, ``unindexed_from``): the rows it has are right, and records
+from that key on are hashed where a leaf is asked for."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from itertools import islice
 from typing import Any
 
 from replicad.errors import HistoryTruncatedError, MerkleError, UnknownDatasetError
-from replicad.merkle import Digest, LeafEntries, MerkleTree
+from replicad.merkle import Digest, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob, Record
 from replicad.version_queue import VersionQueue
 
@@ -56,6 +59,28 @@ def with_prefix(cursor: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
             yield bytes(k[n:]), bytes(v)
 
 
+def unindexed_leaf_entries(
+    indexed: LeafEntries,
+    records: Any,
+    start: bytes,
+    leaf: int,
+    leaf_of: Callable[[bytes], int],
+) -> LeafEntries:
+    """One leaf's entries when the leaf index holds rows only for certain
+    records: ``indexed`` (the leaf's rows, all right) plus every record
+    from key ``start`` on that falls in ``leaf`` and has no row, hashed
+    here (a walk over the unindexed records), in key order. ``records`` is
+    a cursor over the records, its transaction opened with ``buffers=False``."""
+    have = {k for k, _ in indexed}
+    out = list(indexed)
+    if records.set_range(start):
+        for k, v in records.iternext():
+            if k not in have and leaf_of(k) == leaf:
+                out.append((k, entry_hash(k, v)))
+    out.sort()
+    return out
+
+
 class LmdbDatasetView:
     """One dataset at one version: its records and leaf index read in the
     given read transactions, with the cursor, digest, definition, tree and
@@ -74,6 +99,7 @@ class LmdbDatasetView:
         meta: MetaBlob,
         tree: MerkleTree,
         queue: VersionQueue | None,
+        unindexed_from: bytes | None = None,
     ) -> None:
         self._name = name
         self._records_txn, self._records_db = records
@@ -83,6 +109,7 @@ class LmdbDatasetView:
         self._meta = meta
         self._tree = tree
         self.queue = queue
+        self._unindexed_from = unindexed_from
 
     @property
     def name(self) -> str:
@@ -121,7 +148,16 @@ class LmdbDatasetView:
             raise MerkleError(f"leaf {leaf} outside the tree")
         cur = self._leaves_txn.cursor(db=self._leaves_db)
         prefix = LEAF_PREFIX.pack(leaf)
-        return [(k, int.from_bytes(h, "big")) for k, h in with_prefix(cur, prefix)]
+        entries = [(k, int.from_bytes(h, "big")) for k, h in with_prefix(cur, prefix)]
+        if self._unindexed_from is None:
+            return entries
+        return unindexed_leaf_entries(
+            entries,
+            self._records_txn.cursor(db=self._records_db),
+            self._unindexed_from,
+            leaf,
+            self._tree.geometry.leaf_of,
+        )
 
     def scan(self, after: bytes | None, limit: int) -> tuple[list[Record], bytes | None]:
         """Records in key order; the position token is the last key."""

@@ -9,7 +9,10 @@ LMDB mirror), feed the result back, and sleep until the machine's deadline
 or a hint. A single hint task follows the origin's hint stream for every
 dataset and reconnects with backoff and jitter when it breaks; hints only
 wake the per-dataset tasks, which coalesce any burst into one pull. An ack
-task reports the cursors to the origin for its fleet view.
+task reports the cursors to the origin for its fleet view. An index task
+builds the Merkle leaf index a snapshot load leaves incomplete
+(:meth:`sidecar.mirror.Mirror.index_step`), a few thousand records per
+write transaction in the apply thread, after the dataset is ready.
 
 Time is ``trio.current_time()`` (monotonic), so tests can run the loop under
 ``trio.testing.MockClock``. The transport is a parameter
@@ -65,6 +68,8 @@ class SyncTransport(Protocol):
     ) -> None: ...
 
 
+INDEX_RETRY = 5.0
+"""Seconds before the leaf index build tries again after a storage error."""
 LARGE_BATCH = 1_000
 """Batches of at least this many records are applied in the lowered apply
 thread; smaller ones (pushed versions, most diffs) at full priority, so that
@@ -162,6 +167,8 @@ class DatasetSync:
         self.bytes_pulled = 0
         self.on_applied: Callable[[str], None] | None = None
         """Called (in trio) after a batch that changed what readers see."""
+        self.on_promoted: Callable[[], None] | None = None
+        """Called (in trio) after a snapshot load was promoted to live."""
 
     def hint(self, hint: Hint | DiffPush) -> None:
         if isinstance(hint, DiffPush):
@@ -213,6 +220,8 @@ class DatasetSync:
         self.sync.applied(ok, trio.current_time())
         if ok and batch.cursor is not None and self.on_applied is not None:
             self.on_applied(self.name)
+        if ok and batch.promote and self.on_promoted is not None:
+            self.on_promoted()
 
     async def _send(self, action: Send) -> None:
         req = action.request
@@ -376,6 +385,9 @@ class Agent:
             )
             for name in settings.datasets
         }
+        self._index_wake = trio.Event()
+        for ds in self.datasets.values():
+            ds.on_promoted = self._index_needed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -385,6 +397,7 @@ class Agent:
                 if self.settings.hints:
                     nursery.start_soon(self._follow_hints)
                 nursery.start_soon(self._ack_loop)
+                nursery.start_soon(self._build_indexes)
                 task_status.started()
         finally:
             # every apply's wait is shielded: none is running by now
@@ -411,6 +424,33 @@ class Agent:
                 self.settings.hint_backoff_base * 2 ** min(failures, 30),
             )
             await trio.sleep(self.rng.uniform(cap / 2, cap))
+
+    def _index_needed(self) -> None:
+        self._index_wake.set()
+
+    async def _build_indexes(self) -> None:
+        """Complete the leaf indexes snapshot loads left incomplete, one
+        short write transaction at a time in the apply thread (applies
+        queued meanwhile run between them); then wait for the next load."""
+        while True:
+            pending = self.mirror.unindexed()
+            if not pending:
+                await self._index_wake.wait()
+                self._index_wake = trio.Event()
+                continue
+            for name in pending:
+                began = time.perf_counter()
+                try:
+                    while await self.apply_thread.run(self.mirror.index_step, name):
+                        await trio.lowlevel.checkpoint()  # the wait above is shielded
+                except StorageError as exc:
+                    log.error("leaf index build failed", extra={"dataset": name, "error": str(exc)})
+                    await trio.sleep(INDEX_RETRY)
+                    continue
+                log.info(
+                    "leaf index built",
+                    extra={"dataset": name, "seconds": round(time.perf_counter() - began, 3)},
+                )
 
     async def _ack_loop(self) -> None:
         while True:
@@ -450,6 +490,7 @@ class Agent:
                 if ds.sync.last_sync is None
                 else now - ds.sync.last_sync,
                 "records": ds.sync.digest.count,
+                "leaf_index_complete": self.mirror.index_complete(name),
                 "records_applied": ds.sync.stats.records_applied,
                 "digest_mismatches": ds.sync.stats.digest_mismatches,
                 "syncs": dict(ds.sync.stats.syncs),

@@ -13,7 +13,8 @@ named database             contents
                            ``version`` (int),
                            ``meta_revision`` (int), ``definition`` (bytes: the
                            origin's dataset definition: schemas, dictionary,
-                           geometry), ``synced_at`` (float, unix seconds).
+                           geometry), ``synced_at`` (float, unix seconds),
+                           ``index_from`` (bytes or nil: see "Leaf index").
                            ``stage/<name>`` -> the staged snapshot in progress
 ``d/<name>/<gen % 2>``     records: key -> value bytes, exactly as the origin
                            encoded them
@@ -37,6 +38,18 @@ transaction (the two slots alternate, so no database handle is ever closed).
 Readers that began before the flip keep reading the old generation (LMDB's
 MVCC) until they end their transaction.
 
+Leaf index: a snapshot chunk is staged without its leaf index rows (random
+inserts into a B-tree of every key: half of a bootstrap's apply time); the
+tree is updated from the hashes computed anyway. After the promotion the
+sync loop builds the index in the background, in short write transactions
+of a few thousand records each, walking the records in key order
+(:meth:`Mirror.index_step`); ``index_from`` in ``ds/<name>`` (nil when the
+index is complete) is where the walk resumes after a restart. Meanwhile
+every apply keeps the rows of the keys it touches, so a row that exists is
+always right; leaf entries are the rows plus, from ``index_from`` on, the
+records without a row, hashed on the spot. At start-up a tree whose index
+is incomplete (and a staging generation's) is rebuilt from the records.
+
 Memory: the environment is opened with a writable memory map
 (``MDB_WRITEMAP``), so a write transaction changes pages in place in the
 (file-backed, shared) map instead of in malloc'd copies that LMDB would keep
@@ -51,8 +64,9 @@ default) and doubles, so the reservation stays within twice the data.
 
 The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
 generation (and one for a staging generation), rebuilt at start-up from the
-leaf index (one pass over 16-byte hashes, no re-hashing), and updated only
-after a transaction commits.
+leaf index (one pass over 16-byte hashes, no re-hashing) -- or from the
+records where the index is incomplete -- and updated only after a
+transaction commits.
 """
 
 from __future__ import annotations
@@ -78,7 +92,7 @@ from replicad.errors import (
     StorageError,
 )
 from replicad.lmdb_scan import LEAF_PREFIX as _LEAF
-from replicad.lmdb_scan import LmdbDatasetView, with_prefix
+from replicad.lmdb_scan import LmdbDatasetView
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
@@ -89,6 +103,10 @@ cost of beginning any transaction grows with the bound, so it is modest by
 default (``Mirror(max_datasets=...)`` / the sidecar's ``max_datasets``)."""
 GROW_WAIT = 10.0
 """Seconds an apply that needs a bigger map waits for open read transactions."""
+INDEX_STEP = 4_096
+"""Records per write transaction of the background leaf index build
+(:meth:`Mirror.index_step`): a few milliseconds, so a pushed version that
+waits for the write lock meanwhile waits little."""
 
 
 def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | None]]) -> Digest:
@@ -127,6 +145,9 @@ class _Gen:
     records: Any
     leaves: Any
     tree: MerkleTree
+    index_from: bytes | None
+    """None: the leaf index has a row for every record; else it has one for
+    every record before this key (and for the keys applies touched since)."""
 
 
 @dataclass
@@ -283,11 +304,20 @@ class Mirror:
                         staged_meta = MetaBlob(int(st["meta_revision"]), st["definition"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise CorruptStateError(f"mirror: dataset {name!r} metadata: {exc}") from exc
-            live = self._open_gen(name, gen, geometry_of(definition), build=True)
+            index_from = doc.get("index_from")
+            live = self._open_gen(
+                name,
+                gen,
+                geometry_of(definition),
+                build=True,
+                index_from=None if index_from is None else bytes(index_from),
+            )
             staging = None
             if progress is not None:
                 staged_def = staged_meta.body if staged_meta else definition
-                staging = self._open_gen(name, gen + 1, geometry_of(staged_def), build=True)
+                staging = self._open_gen(
+                    name, gen + 1, geometry_of(staged_def), build=True, index_from=b""
+                )
             self._datasets[name] = _DatasetState(
                 name,
                 gen,
@@ -301,15 +331,23 @@ class Mirror:
                 staged_meta,
             )
 
-    def _open_gen(self, name: str, gen: int, geometry: Geometry, *, build: bool) -> _Gen:
+    def _open_gen(
+        self, name: str, gen: int, geometry: Geometry, *, build: bool, index_from: bytes | None
+    ) -> _Gen:
         records = self._env.open_db(_db_name("d", name, gen))
         leaves = self._env.open_db(_db_name("l", name, gen))
         tree = MerkleTree(geometry)
-        if build:
+        if build and index_from is None:  # from the leaf index: no hashing
             with self._env.begin(buffers=True) as txn:
                 for k, v in txn.cursor(db=leaves):
                     tree.update_leaf(_LEAF.unpack_from(k)[0], None, int.from_bytes(v, "big"))
-        return _Gen(gen, records, leaves, tree)
+        elif build:  # the index is incomplete: hash the records
+            leaf_of = geometry.leaf_of
+            with self._env.begin() as txn:
+                tree.update_leaves(
+                    (leaf_of(k), None, entry_hash(k, v)) for k, v in txn.cursor(db=records)
+                )
+        return _Gen(gen, records, leaves, tree, index_from)
 
     @property
     def env(self) -> Any:
@@ -334,11 +372,12 @@ class Mirror:
                         f"the mirror holds at most {self.max_datasets} datasets "
                         "(raise the sidecar's max_datasets)"
                     )
-                live = self._open_gen(name, 1, Geometry(), build=False)
-                self._open_gen(name, 2, Geometry(), build=False)  # both slots exist for readers
+                live = self._open_gen(name, 1, Geometry(), build=False, index_from=None)
+                # both slots exist for readers
+                self._open_gen(name, 2, Geometry(), build=False, index_from=None)
                 ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)
                 with self._env.begin(write=True) as txn:
-                    self._put_ds(txn, ds, 1, None, meta=None, synced_at=None)
+                    self._put_ds(txn, ds, 1, None, meta=None, synced_at=None, index_from=None)
                 with self._state_lock:
                     self._datasets[name] = ds
         return DatasetHandle(self, name)
@@ -364,6 +403,15 @@ class Mirror:
 
     def definition(self, name: str) -> bytes | None:
         return self._state(name).definition
+
+    def index_complete(self, name: str) -> bool:
+        """Whether the live leaf index has a row for every record (see
+        "Leaf index" in the module doc)."""
+        return self._state(name).live.index_from is None
+
+    def unindexed(self) -> list[str]:
+        """The datasets whose live leaf index is still being built."""
+        return [n for n, ds in sorted(self._datasets.items()) if ds.live.index_from is not None]
 
     # ------------------------------------------------------------ reads
 
@@ -399,6 +447,7 @@ class Mirror:
                 meta=MetaBlob(ds.meta_revision, ds.definition or b""),
                 tree=ds.live.tree,
                 queue=None,  # the relay sets its history's queue
+                unindexed_from=ds.live.index_from,
             )
         try:
             yield view
@@ -421,10 +470,10 @@ class Mirror:
             return None if value is None else bytes(value)
 
     def leaf_entries(self, name: str, leaf: int) -> LeafEntries:
-        ds = self._state(name)
-        with self.read() as txn:
-            cur = txn.cursor(db=ds.live.leaves)
-            return [(k, int.from_bytes(v, "big")) for k, v in with_prefix(cur, _LEAF.pack(leaf))]
+        """The live entries under ``leaf`` (from the leaf index; where it is
+        incomplete, the unindexed records are hashed here)."""
+        with self.view(name) as view:
+            return view.leaf_entries(leaf)
 
     def items(self, name: str) -> dict[bytes, bytes]:
         """Every live record (for tests and small datasets)."""
@@ -442,10 +491,22 @@ class Mirror:
         written) when the map is full at its maximum size, StorageError for
         other LMDB failures.
         """
+        return self._writing(lambda: self._apply(name, batch))
+
+    def index_step(self, name: str, limit: int = INDEX_STEP) -> bool:
+        """Add the leaf index rows of up to ``limit`` more records of the
+        live generation, in one write transaction that also records where
+        the walk resumes; return whether records remain unindexed. Raises
+        like :meth:`apply`."""
+        return self._writing(lambda: self._index_step(name, limit))
+
+    def _writing(self, write: Callable[[], bool]) -> bool:
+        """Run ``write`` (one write transaction) under the write lock,
+        growing the map and retrying when it is full."""
         with self._write_lock:
             while True:
                 try:
-                    return self._apply(name, batch)
+                    return write()
                 except lmdb.MapFullError as exc:
                     size = self._env.info()["map_size"]
                     if size >= self.max_map_size:
@@ -511,9 +572,25 @@ class Mirror:
                 return False
             stage_key = b"stage/" + name.encode()
             if batch.target is Target.LIVE:
-                self._put_ds(txn, ds, ds.gen, batch.cursor, meta=batch.meta, synced_at=now)
+                self._put_ds(
+                    txn,
+                    ds,
+                    ds.gen,
+                    batch.cursor,
+                    meta=batch.meta,
+                    synced_at=now,
+                    index_from=target.index_from,
+                )
             elif batch.promote:
-                self._put_ds(txn, ds, target.gen, batch.cursor, meta=staged_meta, synced_at=now)
+                self._put_ds(
+                    txn,
+                    ds,
+                    target.gen,
+                    batch.cursor,
+                    meta=staged_meta,
+                    synced_at=now,
+                    index_from=target.index_from,
+                )
                 txn.delete(stage_key, db=self._meta)
                 txn.drop(ds.live.records, delete=False)  # empty the old slot
                 txn.drop(ds.live.leaves, delete=False)
@@ -555,7 +632,40 @@ class Mirror:
         leaves = self._env.open_db(_db_name("l", name, gen), txn=txn)
         txn.drop(records, delete=False)
         txn.drop(leaves, delete=False)
-        return _Gen(gen, records, leaves, MerkleTree(geometry))
+        # staged chunks write no leaf index rows (see "Leaf index")
+        return _Gen(gen, records, leaves, MerkleTree(geometry), index_from=b"")
+
+    def _index_step(self, name: str, limit: int) -> bool:
+        ds = self._state(name)
+        gen = ds.live
+        start = gen.index_from
+        if start is None:
+            return False
+        leaf_of, pack = gen.tree.geometry.leaf_of, _LEAF.pack
+        txn = self._env.begin(write=True)
+        try:
+            cur = txn.cursor(db=gen.records)
+            rows = list(islice(cur.iternext(), limit + 1)) if cur.set_range(start) else []
+            resume = rows.pop()[0] if len(rows) > limit else None
+            txn.cursor(db=gen.leaves).putmulti(
+                [(pack(leaf_of(k)) + k, entry_hash(k, v).to_bytes(16, "big")) for k, v in rows]
+            )
+            self._put_ds(
+                txn,
+                ds,
+                ds.gen,
+                ds.cursor,
+                meta=None,
+                synced_at=ds.synced_at,
+                index_from=resume,
+            )
+        except BaseException:
+            txn.abort()
+            raise
+        with self._state_lock:
+            txn.commit()
+            gen.index_from = resume
+        return resume is not None
 
     def _write_records(
         self, txn: Any, gen: _Gen, batch: Apply
@@ -595,9 +705,10 @@ class Mirror:
     def _stage_chunk(
         txn: Any, gen: _Gen, chunk: Sequence[tuple[bytes, bytes]], shift: int
     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[int, int | None, int | None]]]:
-        """Insert a snapshot chunk's records into staging; return the ones
-        that were already there (for the general path) and the changes of
-        the rest. The usual chunk (keys ascending, all after the last staged
+        """Insert a snapshot chunk's records into staging, without leaf index
+        rows (see "Leaf index" in the module doc); return the ones that were
+        already there (for the general path) and the changes of the rest.
+        The usual chunk (keys ascending, all after the last staged
         key: the origin sends them in key order) is appended by LMDB in one
         call; any other is inserted key by key without overwriting."""
         keys = [k for k, _ in chunk]
@@ -622,14 +733,6 @@ class Mirror:
             keys = [k for k, _ in fresh]
         leaves = [xxh3_64_intdigest(k) >> shift for k in keys]
         hashes = [entry_hash(k, v) for k, v in fresh]
-        pack = _LEAF.pack
-        txn.cursor(db=gen.leaves).putmulti(
-            zip(
-                [pack(leaf) + k for leaf, k in zip(leaves, keys, strict=True)],
-                [h.to_bytes(16, "big") for h in hashes],
-                strict=True,
-            )
-        )
         return again, list(zip(leaves, repeat(None), hashes))
 
     def _put_ds(
@@ -641,6 +744,7 @@ class Mirror:
         *,
         meta: MetaBlob | None,
         synced_at: float | None,
+        index_from: bytes | None,
     ) -> None:
         doc: dict[str, Any] = {
             "gen": gen,
@@ -650,4 +754,6 @@ class Mirror:
             "definition": ds.definition if meta is None else meta.body,
             "synced_at": synced_at,
         }
+        if index_from is not None:  # absent: complete (and mirrors written before it)
+            doc["index_from"] = index_from
         txn.put(b"ds/" + ds.name.encode(), msgpack.packb(doc, use_bin_type=True), db=self._meta)
