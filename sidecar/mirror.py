@@ -470,8 +470,14 @@ class Mirror:
             return None if value is None else bytes(value)
 
     def leaf_entries(self, name: str, leaf: int) -> LeafEntries:
-        """The live entries under ``leaf`` (from the leaf index; where it is
-        incomplete, the unindexed records are hashed here)."""
+        """The live entries under ``leaf``, from the leaf index. The sync
+        loop's own Merkle repair asks here; if it comes while the index is
+        still being built after a snapshot load (rare: a repair within
+        seconds of the load), the rest of the index is built first, in this
+        thread -- a walk over every unindexed record per leaf would cost
+        more as soon as a few leaves differ."""
+        while self.index_step(name):
+            pass
         with self.view(name) as view:
             return view.leaf_entries(leaf)
 

@@ -40,6 +40,7 @@ from replicad.messages import (
     Cursor,
     DiffPush,
     Hint,
+    MerkleLeavesRequest,
     MerkleNodesRequest,
     Request,
     Response,
@@ -63,6 +64,9 @@ from sidecar.mirror import Mirror
 from sidecar.reader import codec_from_definition
 
 READ_ONLY = "this is a relay: it is read-only; write to the origin"
+INDEX_WAIT = 30.0
+"""Seconds a leaf listing waits for a leaf index being built after the
+relay's own snapshot load (then it is answered anyway, hashing records)."""
 
 
 class RelayService:
@@ -200,7 +204,18 @@ class RelayService:
     async def sync(self, request: Request) -> Response:
         self._m_sync.inc(1, type(request).__name__)
         self._known(request.dataset)
+        if isinstance(request, MerkleLeavesRequest):
+            await self._leaf_index_built(request.dataset)
         return await trio.to_thread.run_sync(self._answer, request)
+
+    async def _leaf_index_built(self, name: str) -> None:
+        """Wait (up to :data:`INDEX_WAIT`) while the mirror's leaf index is
+        being built after a snapshot load: meanwhile each leaf listed would
+        cost a walk over every record not indexed yet (a replica below that
+        repairs right after the relay's bootstrap asks for many)."""
+        with trio.move_on_after(INDEX_WAIT):
+            while not self.mirror.index_complete(name):
+                await trio.sleep(0.05)
 
     def _answer(self, request: Request) -> Response:
         with self.mirror.view(request.dataset) as view:

@@ -9,10 +9,20 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
+import trio
 
 from replicad.loopback import LoopbackDriver
 from replicad.memory import MemoryMirror
-from replicad.messages import Hint, Request, Response, SnapshotChunk, SnapshotRequest
+from replicad.merkle import LeafQuery
+from replicad.messages import (
+    Hint,
+    MerkleLeavesRequest,
+    MerkleLeavesResponse,
+    Request,
+    Response,
+    SnapshotChunk,
+    SnapshotRequest,
+)
 from replicad.origin_types import DatasetSpec, WriteBatch, WriteResult
 from replicad.replica import ReplicaSync, SyncConfig
 from replicad.responder import snapshot_chunk
@@ -201,3 +211,38 @@ def test_a_real_relay_chain_converges(tmp_path: Path) -> None:
                     assert reader.version("up").version == version  # type: ignore[union-attr]
                 fleet = httpx.get(relay_url + "/v1/fleet").json()
                 assert "replicas" in fleet
+
+
+def build_index(mirror: Mirror) -> None:
+    while mirror.index_step("up", 64):
+        pass
+
+
+async def test_a_relays_leaf_listing_waits_for_its_leaf_index(tmp_path: Path) -> None:
+    """Right after the relay's snapshot load its leaf index is being built:
+    a leaf listing waits for it (instead of hashing every unindexed record
+    per leaf), then answers what the complete index says."""
+    chain = Chain(tmp_path)
+    chain.up.run(0.0)
+    mirror = chain.mirror
+    assert not mirror.index_complete("up")
+    leaves = tuple(
+        sorted({mirror._state("up").live.tree.geometry.leaf_of(k) for k in [b"u0007", b"u0300"]})
+    )
+    request = MerkleLeavesRequest("up", LeafQuery(leaves))
+    answers: list[Response] = []
+
+    async def ask() -> None:
+        answers.append(await chain.relay.sync(request))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(0.3)
+        assert answers == []  # still waiting
+        await trio.to_thread.run_sync(build_index, mirror)
+    (answer,) = answers
+    assert isinstance(answer, MerkleLeavesResponse)
+    assert mirror.index_complete("up")
+    with chain.origin.view("up") as origin_view:
+        want = tuple((leaf, origin_view.leaf_entries(leaf)) for leaf in leaves)
+    assert answer.answer.entries == want
