@@ -476,8 +476,8 @@ class Mirror:
         seconds of the load), the rest of the index is built first, in this
         thread -- a walk over every unindexed record per leaf would cost
         more as soon as a few leaves differ."""
-        while self.index_step(name):
-            pass
+        while not self.index_complete(name):  # (no write lock taken when complete)
+            self.index_step(name)
         with self.view(name) as view:
             return view.leaf_entries(leaf)
 
