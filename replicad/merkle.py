@@ -447,6 +447,28 @@ class MerkleTree:
         finally:
             self._count, self._xor = count, xor
 
+    def insert_many(self, leaves: Sequence[int], hashes: Sequence[int]) -> None:
+        """Add new entries, ``hashes[i]`` under ``leaves[i]`` (keys that were
+        not in the tree: a snapshot chunk's worth), in one call: the same as
+        :meth:`update_leaves` with ``(leaf, None, hash)`` changes, in a
+        tighter loop. Raises :class:`MerkleError`, changing nothing, for a
+        leaf outside the tree or sequences of different lengths."""
+        if len(leaves) != len(hashes):
+            raise MerkleError(f"{len(leaves)} leaves for {len(hashes)} hashes")
+        if not leaves:
+            return
+        if min(leaves) < 0 or max(leaves) >= len(self._counts):
+            raise MerkleError("a leaf outside the tree")
+        counts, xors, dirty = self._counts, self._xors, self._dirty
+        xor = self._xor
+        for leaf, h in zip(leaves, hashes, strict=True):
+            counts[leaf] += 1
+            xors[leaf] ^= h
+            dirty[leaf] = 1
+            xor ^= h
+        self._xor = xor
+        self._count += len(leaves)
+
     def _apply(self, leaf: int, delta: int, dc: int) -> None:
         if dc:
             c = self._counts[leaf] + dc

@@ -78,7 +78,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice, repeat
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -567,8 +567,9 @@ class Mirror:
             else:
                 target = ds.staging
                 staged_meta = batch.meta or staged_meta
-            changes = self._write_records(txn, target, batch)
+            changes, inserted = self._write_records(txn, target, batch)
             verify = batch.target is Target.LIVE or batch.promote
+            assert not (verify and inserted[0]), "staged chunks are not verified"
             if (
                 verify
                 and batch.expected_digest is not None
@@ -617,6 +618,7 @@ class Mirror:
             raise
         with self._state_lock:
             txn.commit()
+            target.tree.insert_many(*inserted)
             target.tree.update_leaves(changes)
             if batch.target is Target.LIVE:
                 ds.cursor, ds.synced_at = batch.cursor, now
@@ -675,21 +677,23 @@ class Mirror:
 
     def _write_records(
         self, txn: Any, gen: _Gen, batch: Apply
-    ) -> list[tuple[int, int | None, int | None]]:
+    ) -> tuple[list[tuple[int, int | None, int | None]], tuple[list[int], list[int]]]:
         """Write the batch into ``gen``; return ``(leaf, old hash, new hash)``
-        per change. Each key's leaf and each value's hash are computed once:
-        they feed the leaf index, the digest check and the tree update."""
+        per change, and the ``(leaves, hashes)`` of the keys a snapshot chunk
+        inserted (new to the tree: :meth:`MerkleTree.insert_many`). Each
+        key's leaf and each value's hash are computed once: they feed the
+        leaf index, the digest check and the tree update."""
         changes: list[tuple[int, int | None, int | None]] = []
+        inserted: tuple[list[int], list[int]] = ([], [])
         shift = 64 - (gen.tree.geometry.leaves.bit_length() - 1)
         records, leaves = gen.records, gen.leaves
         replace, put, pack = txn.replace, txn.put, _LEAF.pack
         upserts: Iterable[tuple[bytes, bytes]] = batch.upserts
         if batch.target is Target.STAGING and not batch.promote:
             # a snapshot chunk: its keys are new to staging (chunks do not
-            # overlap), so insert without reading old values, and add the
-            # leaf index rows in one call; a key already there (a server
-            # repeating itself) takes the general path below
-            upserts, changes = self._stage_chunk(txn, gen, batch.upserts, shift)
+            # overlap), so insert without reading old values; a key already
+            # there (a server repeating itself) takes the general path below
+            upserts, inserted = self._stage_chunk(txn, gen, batch.upserts, shift)
         for key, value in upserts:
             old = replace(key, value, db=records)
             if old == value:
@@ -705,18 +709,18 @@ class Mirror:
             leaf = xxh3_64_intdigest(key) >> shift
             txn.delete(pack(leaf) + key, db=leaves)
             changes.append((leaf, entry_hash(key, bytes(old)), None))
-        return changes
+        return changes, inserted
 
     @staticmethod
     def _stage_chunk(
         txn: Any, gen: _Gen, chunk: Sequence[tuple[bytes, bytes]], shift: int
-    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[int, int | None, int | None]]]:
+    ) -> tuple[list[tuple[bytes, bytes]], tuple[list[int], list[int]]]:
         """Insert a snapshot chunk's records into staging, without leaf index
         rows (see "Leaf index" in the module doc); return the ones that were
-        already there (for the general path) and the changes of the rest.
-        The usual chunk (keys ascending, all after the last staged
-        key: the origin sends them in key order) is appended by LMDB in one
-        call; any other is inserted key by key without overwriting."""
+        already there (for the general path) and the leaves and hashes of the
+        rest. The usual chunk (keys ascending, all after the last staged key:
+        the origin sends them in key order) is appended by LMDB in one call;
+        any other is inserted key by key without overwriting."""
         keys = [k for k, _ in chunk]
         cur = txn.cursor(db=gen.records)
         again: list[tuple[bytes, bytes]] = []
@@ -739,7 +743,7 @@ class Mirror:
             keys = [k for k, _ in fresh]
         leaves = [xxh3_64_intdigest(k) >> shift for k in keys]
         hashes = [entry_hash(k, v) for k, v in fresh]
-        return again, list(zip(leaves, repeat(None), hashes))
+        return again, (leaves, hashes)
 
     def _put_ds(
         self,

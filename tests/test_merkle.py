@@ -656,6 +656,34 @@ def test_update_leaves_equals_update_leaf_one_by_one(
     assert many.digest == one.digest and many.root() == one.root()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 15), st.integers(1, 2**128 - 1)), max_size=60),
+    st.lists(st.tuples(st.integers(0, 15), st.integers(1, 2**128 - 1)), max_size=20),
+)
+def test_insert_many_equals_update_leaves_of_inserts(
+    before: list[tuple[int, int]], entries: list[tuple[int, int]]
+) -> None:
+    geometry = Geometry(fanout=4, depth=2)
+    one, many = MerkleTree(geometry), MerkleTree(geometry)
+    for tree in (one, many):
+        tree.update_leaves([(leaf, None, h) for leaf, h in before])
+        tree.root()  # digests computed, so the inserts must mark leaves dirty
+    one.update_leaves([(leaf, None, h) for leaf, h in entries])
+    many.insert_many([leaf for leaf, _ in entries], [h for _, h in entries])
+    assert many.digest == one.digest and many.root() == one.root()
+    assert [many.leaf_digest(i) for i in range(16)] == [one.leaf_digest(i) for i in range(16)]
+
+
+def test_insert_many_refuses_bad_input_changing_nothing() -> None:
+    tree = MerkleTree(Geometry(fanout=4, depth=2))
+    tree.insert_many([1], [5])
+    for leaves, hashes in (([2, 16], [7, 8]), ([-1], [7]), ([2, 3], [7])):
+        with pytest.raises(MerkleError):
+            tree.insert_many(leaves, hashes)
+        assert tree.digest == Digest(1, 5)
+
+
 def test_update_leaves_stops_at_a_bad_change_with_the_earlier_ones_applied() -> None:
     tree = MerkleTree(Geometry(fanout=4, depth=2))
     with pytest.raises(MerkleError, match="no leaf"):
