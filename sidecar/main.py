@@ -23,13 +23,11 @@ from replicad import __version__
 from replicad.client import AsyncSyncClient
 from replicad.config import check_tls_files
 from replicad.errors import ConfigError, ReplicadError
-from replicad.http_app import OriginApp
 from replicad.replica import SyncConfig
 from sidecar.agent import Agent, AgentSettings, SyncTransport
 from sidecar.config import SidecarConfig
 from sidecar.health import HealthApp
 from sidecar.mirror import Mirror
-from sidecar.relay import RelayService
 from sidecar.resp_server import SocketService, SocketSettings, sync_status_of
 
 log = logging.getLogger("sidecar")
@@ -92,6 +90,10 @@ async def serve(
         agent = Agent(mirror, transport, settings_of(config))
         relay = None
         if config.serve_sync is not None:
+            # imported only here: the HTTP app and its ingest machinery are
+            # a fifth of a plain sidecar's start-up time
+            from sidecar.relay import RelayService
+
             relay = RelayService(mirror, registry=agent.registry)
             for ds in agent.datasets.values():
                 ds.on_applied = relay.publish
@@ -99,6 +101,8 @@ async def serve(
             # ports first: a port in use fails the start before any sync work
             binds: list[str] = []
             if relay is not None and config.serve_sync is not None:
+                from replicad.http_app import OriginApp
+
                 app = OriginApp(relay, read_tokens=config.relay_read_tokens)
                 rconfig = hypercorn.config.Config()
                 rconfig.bind = [config.serve_sync.bind()]
