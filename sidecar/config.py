@@ -25,6 +25,7 @@ Example ``sidecar.toml``::
     socket_mode = "0o660"                      # the socket file's mode
     socket_group = "app"                       # and group (name or number)
     socket_workers = 2                         # reader processes serving it
+    socket_slice_us = 100                      # scheduler time slice they ask for (0: default)
     socket_max_clients = 10000
     socket_idle_timeout = 0                    # seconds; 0 = never close idle clients
     socket_max_request_bytes = 4194304
@@ -91,6 +92,10 @@ class SidecarConfig:
     socket_mode: int = 0o660
     socket_group: str | None = None
     socket_workers: int = 2
+    socket_slice_us: int = 100
+    """The time slice (microseconds) the socket workers ask Linux's
+    scheduler for: short, so a waking reader preempts long-running work
+    (sidecar/sched.py); 0 leaves the kernel's default."""
     socket_max_clients: int = 10_000
     socket_idle_timeout: float = 0.0
     socket_max_request_bytes: int = 4 << 20
@@ -119,6 +124,8 @@ class SidecarConfig:
             raise ConfigError("apply_nice must be between 0 and 19")
         if not 1 <= self.socket_workers <= 256:
             raise ConfigError("socket_workers must be between 1 and 256")
+        if self.socket_slice_us != 0 and not 100 <= self.socket_slice_us <= 100_000:
+            raise ConfigError("socket_slice_us must be 0 (the default slice) or 100 to 100000")
         if self.socket_max_clients < 1:
             raise ConfigError("socket_max_clients must be at least 1")
         if self.socket_idle_timeout < 0:
@@ -247,6 +254,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 | "apply_nice"
                 | "file_mode"
                 | "socket_workers"
+                | "socket_slice_us"
                 | "socket_max_clients"
                 | "socket_max_request_bytes"
             ):

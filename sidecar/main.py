@@ -42,6 +42,7 @@ def socket_settings_of(config: SidecarConfig) -> SocketSettings | None:
         mode=config.socket_mode,
         group=config.socket_group,
         workers=config.socket_workers,
+        slice_us=config.socket_slice_us,
         max_clients=config.socket_max_clients,
         idle_timeout=config.socket_idle_timeout,
         max_request_bytes=config.socket_max_request_bytes,

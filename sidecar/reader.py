@@ -106,6 +106,13 @@ class Record(Sequence[Any]):
         """The stored bytes (the origin's canonical encoding)."""
         return self._raw
 
+    @property
+    def codec(self) -> DatasetCodec:
+        """The codec it decodes with: the reader's for the dataset definition
+        the record was read under (the same object while that definition
+        stays the same)."""
+        return self._codec
+
     def __getitem__(self, item: Any) -> Any:
         values = self._values
         if values is None:

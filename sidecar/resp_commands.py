@@ -233,16 +233,17 @@ def is_opaque(record: Record) -> bool:
 class _RenderCache:
     """Rendered JSON of one dataset's typed records, keyed by their stored
     bytes. ``checked`` is the last view it was validated in: the first hit
-    in each view decodes that record once to compare the field count (and
-    the epoch) with those the entries were rendered under."""
+    in each view compares the codec the record decodes with (the reader
+    keeps one per dataset definition: schemas, dictionary) and the epoch
+    with those the entries were rendered under, without decoding it."""
 
-    __slots__ = ("checked", "entries", "epoch", "fields", "limit")
+    __slots__ = ("checked", "codec", "entries", "epoch", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.checked: object = None
         self.epoch: bytes | None = None
-        self.fields = -1
+        self.codec: object = None
         self.entries: dict[bytes, bytes] = {}
 
     def store(self, raw: bytes, out: bytes) -> None:
@@ -254,10 +255,10 @@ class _RenderCache:
             self.entries[raw] = out
 
     def validate(self, view: object, record: Record) -> None:
-        fields, epoch = len(record), record.cursor.epoch
-        if fields != self.fields or epoch != self.epoch:
+        codec, epoch = record.codec, record.cursor.epoch
+        if codec is not self.codec or epoch != self.epoch:
             self.entries.clear()
-            self.fields, self.epoch = fields, epoch
+            self.codec, self.epoch = codec, epoch
         self.checked = view
 
 

@@ -72,6 +72,7 @@ from sidecar.resp_commands import (
     Session,
     SyncStatus,
 )
+from sidecar.sched import request_slice
 
 log = logging.getLogger("sidecar.socket")
 
@@ -99,6 +100,9 @@ class SocketSettings:
     idle_timeout: float = 0.0
     """Seconds; 0 keeps idle connections open (as Redis' ``timeout 0``)."""
     max_request_bytes: int = 4 << 20
+    slice_us: int = 100
+    """The time slice each worker asks Linux's scheduler for
+    (:mod:`sidecar.sched`); 0 leaves the default."""
 
 
 # ------------------------------------------------------------------ the file
@@ -663,6 +667,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the sidecar
     # process handles it and stops its workers in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a reader works briefly and often: a short slice lets it preempt the
+    # sync's long-running work when it wakes (sidecar/sched.py)
+    request_slice(int(spec.get("slice_us", 0)))
     counters.set_running(slot, True)
     os.write(ready_fd, b"R")
     os.close(ready_fd)
@@ -782,6 +789,7 @@ class SocketService:
             "max_clients": s.max_clients,
             "idle_timeout": s.idle_timeout,
             "max_request_bytes": s.max_request_bytes,
+            "slice_us": s.slice_us,
             "log_format": self.log_format,
             "cache_entries": self.cache_entries,
             "facts": {k: v for k, v in asdict(facts).items() if k != "pid"},

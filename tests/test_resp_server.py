@@ -35,6 +35,7 @@ from replicad.codec import DatasetCodec
 from replicad.sample import seed_like_record, seed_like_schema
 from tests.origin_proc import ROOT, OriginProcess
 from tests.sidecar_proc import SidecarProcess
+from tests.test_sched import custom_slices_supported, slice_of
 
 CODEC = DatasetCodec([seed_like_schema()])
 RECORDS = 300
@@ -521,6 +522,8 @@ def test_limits_and_the_socket_file(env: Env, tmp_path: Path) -> None:
             probe = Resp(path)
             pid = int(_info(probe.call("INFO", "server"))["process_id"])
             probe.close()
+            if custom_slices_supported():  # workers ask for a short slice (sidecar/sched.py)
+                assert slice_of(f"/proc/{pid}") == 100_000
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
             while "socket worker exited" not in sidecar.log_tail(200):
