@@ -32,10 +32,13 @@ load cheap, key ``user:%08d`` of ``i`` holds ``seed_like_record(i % 100,000)``
   replica's full sync of the same keys and encoded values (``REPLICAOF``
   until the link is up, the sync done and ``DBSIZE`` complete), same machine,
   same run; NaN when ``redis-server`` is not installed.
-* **Memory**: the sidecar's ``/proc/PID/status`` once ready, at 1,000,000 and
-  2,000,000 records (``--quick``: 50,000 and 100,000; 5,000,000 would take
-  the full run past 10 minutes). ``VmRSS`` counts the pages of the mirror's
-  memory map the process has touched; ``RssAnon`` is its private memory.
+* **Memory**: the sidecar's ``/proc/PID/status`` once ready and its leaf
+  index built, at 1,000,000 and 5,000,000 records (``--quick``: 50,000 and
+  100,000). ``RssAnon`` is its private memory, the target's measure: the
+  heap, which must stay flat in the dataset's size. ``VmRSS`` adds the
+  pages of the mirror's memory map the process has touched, which are the
+  data itself (shared, file-backed, reclaimable page cache that every
+  reader process maps too): context, not the target.
 * **Context**: the CPU that processes outside these benchmarks used meanwhile
   (the machine may be shared; the latencies are sensitive to it).
 
@@ -611,9 +614,7 @@ def _mb(n: float) -> float:
 
 def rows(quick: bool) -> list[Row]:
     n1 = 50_000 if quick else 1_000_000
-    # 5,000,000 would take the full run past 10 minutes on 2 cores (the load
-    # into the origin and the bootstrap alone take about 10), so 2,000,000
-    n2 = 100_000 if quick else 2_000_000
+    n2 = 100_000 if quick else 5_000_000
     seconds = 2.0 if quick else 10.0
     runs = 3
     have_redis = shutil.which("redis-server") is not None
@@ -776,13 +777,12 @@ def _rows(
             anchor_name="Redis replica full sync" if redis is not None else REDIS_MISSING,
         ),
         Row(
-            f"sidecar: resident memory (VmRSS) after bootstrap and the leaf index, {n1s} records",
+            f"sidecar: resident memory (VmRSS) after bootstrap and the leaf index, {n1s} "
+            "records (context: includes the touched pages of the mirror's map, i.e. the data)",
             rss,
             "MB",
             anchor=redis_rss,
             anchor_name=rss_name,
-            target="<= 100 MB",
-            met=rss <= 100,
         ),
         Row(
             f"sidecar: private memory (RssAnon: VmRSS less mapped files), {n1s} records",
@@ -792,11 +792,9 @@ def _rows(
             met=anon <= 100,
         ),
         Row(
-            f"sidecar: resident memory (VmRSS) after bootstrap, {n2s} records",
+            f"sidecar: resident memory (VmRSS) after bootstrap, {n2s} records (context, as above)",
             _mb(big.memory["VmRSS"]),
             "MB",
-            target="<= 100 MB",
-            met=_mb(big.memory["VmRSS"]) <= 100,
         ),
         Row(
             f"sidecar: private memory (RssAnon), {n2s} records",
