@@ -294,6 +294,17 @@ class Snapshot:
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
         return self._reader._get_many(self._txn, self._dataset(dataset), keys)
 
+    def lookup(self, dataset: str, key: bytes) -> tuple[bytes, DatasetCodec, Cursor] | None:
+        """What :meth:`get` would wrap in a :class:`Record`: the stored bytes,
+        the codec that decodes them and the version they belong to; None
+        when the key is absent (for a server that renders many records)."""
+        ds = self._dataset(dataset)
+        raw = self._txn.get(key, db=ds.db)
+        if raw is None or ds.codec is None or ds.cursor is None:
+            return None
+        self._reader._is_stale(ds)  # raises when stale data is refused
+        return raw, ds.codec, ds.cursor
+
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
         this snapshot ends."""

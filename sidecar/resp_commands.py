@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from replicad.codec import DatasetCodec
 from replicad.errors import ReplicadError, UnknownDatasetError
 from replicad.messages import Cursor
 from replicad.origin_types import DATASET_NAME
@@ -74,6 +75,8 @@ class ReadView(Protocol):
     def get(self, dataset: str, key: bytes) -> Record | None: ...
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]: ...
+
+    def lookup(self, dataset: str, key: bytes) -> tuple[bytes, DatasetCodec, Cursor] | None: ...
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]: ...
 
@@ -254,8 +257,7 @@ class _RenderCache:
                     del self.entries[old]
             self.entries[raw] = out
 
-    def validate(self, view: object, record: Record) -> None:
-        codec, epoch = record.codec, record.cursor.epoch
+    def validate(self, view: object, codec: DatasetCodec, epoch: bytes) -> None:
         if codec is not self.codec or epoch != self.epoch:
             self.entries.clear()
             self.codec, self.epoch = codec, epoch
@@ -555,21 +557,21 @@ class Dispatcher:
     def _value(self, v: ReadView, dataset: str, key: bytes) -> bytes | None:
         """HGET's reply for one key: the record's JSON, an opaque value, or
         None. UnknownDatasetError for a dataset the mirror does not hold."""
-        record = v.get(dataset, key)
-        if record is None:
+        found = v.lookup(dataset, key)  # no Record object on this path
+        if found is None:
             return None
-        raw = record.raw
+        raw, codec, cursor = found
         header = raw[0]
         if header in _OPAQUE_HEADERS:  # docs/FORMAT.md
-            return raw[1:] if header == 0x12 else record.value
+            return raw[1:] if header == 0x12 else codec.decode_opaque(raw)
         cache = self._caches.get(dataset)
         if cache is None:
             cache = self._caches[dataset] = _RenderCache(self._cache_entries)
         if cache.checked is not v:
-            cache.validate(v, record)
+            cache.validate(v, codec, cursor.epoch)
         out = cache.entries.get(raw)
         if out is None:
-            out = to_json(record.to_dict())
+            out = to_json(dict(zip(codec.field_names, codec.decode_values(raw), strict=True)))
             cache.store(raw, out)
         return out
 

@@ -98,6 +98,12 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
             assert snap.count("up") == 200
             assert snap.keys("up", b"u19", limit=3) == [b"u190", b"u191", b"u192"]
             assert snap.version("up") == rec.cursor
+            found = snap.lookup("up", b"u007")  # what get wraps in a Record
+            assert found is not None
+            assert (bytes(found[0]), found[1], found[2]) == (rec.raw, rec.codec, rec.cursor)
+            assert snap.lookup("up", b"missing") is None
+            with pytest.raises(UnknownDatasetError):
+                snap.lookup("nope", b"x")
         with pytest.raises(UnknownDatasetError):
             reader.get("nope", b"x")
 
