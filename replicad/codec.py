@@ -1125,6 +1125,14 @@ class _Generator:
 def _snappy_length(data: bytes | bytearray | memoryview) -> int:
     """The uncompressed length a raw Snappy block (after our header byte)
     claims, or -1 if its varint is truncated or longer than 5 bytes."""
+    n = len(data)
+    if n > 2:  # the usual value (under 16 KiB): one or two varint bytes, no loop
+        b1 = data[1]
+        if b1 < 0x80:
+            return b1
+        b2 = data[2]
+        if b2 < 0x80:
+            return (b1 & 0x7F) | (b2 << 7)
     result = 0
     shift = 0
     for i in range(1, min(len(data), 6)):

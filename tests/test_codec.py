@@ -29,6 +29,7 @@ from replicad.codec import (
     DatasetCodec,
     Dictionary,
     DictionaryEntry,
+    _snappy_length,
     check_key,
 )
 from replicad.errors import (
@@ -697,6 +698,21 @@ def test_fixed_layout_structural_corruption() -> None:
     old = _typed([1, 0, 1, "ab", [3]])
     assert codec.decode(old) == codec.decode(good)
     assert [codec.field_getter(n)(old) for n in schema.names] == codec.decode_values(good)
+
+
+@given(st.binary(max_size=8))
+def test_the_snappy_length_prefix_is_read_as_a_varint_of_at_most_five_bytes(data: bytes) -> None:
+    """``_snappy_length`` (with its fast path for one- and two-byte
+    lengths) reads the varint after the header byte like a plain loop."""
+    want = -1
+    result = shift = 0
+    for byte in data[1:6]:
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            want = result
+            break
+        shift += 7
+    assert _snappy_length(data) == want
 
 
 def test_snappy_is_bounded_and_checked() -> None:
