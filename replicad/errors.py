@@ -190,6 +190,12 @@ class DatasetExistsError(ReplicadError):
     """A dataset of that name already exists (HTTP 409)."""
 
 
+class RetryLaterError(ReplicadError):
+    """The server cannot answer this now but will soon (HTTP 503): a relay
+    asked for Merkle leaf listings while it is still building its leaf
+    index. Clients see OriginUnavailableError and retry."""
+
+
 class BadRequestError(ReplicadError):
     """A request body or parameter is malformed: not JSON/msgpack, wrong shape,
     bad dataset name, unsupported content type (HTTP 400/415). Nothing of the

@@ -85,6 +85,7 @@ from replicad.errors import (
     ProtocolError,
     RecordError,
     ReplicadError,
+    RetryLaterError,
     SchemaError,
     StaleEncodingError,
     StorageError,
@@ -231,6 +232,8 @@ def error_response(exc: BaseException, route: str) -> tuple[int, str, str] | Non
             return 400, "bad_request", msg
         case StorageError():
             return 507, "storage_full", msg
+        case RetryLaterError():
+            return 503, "retry_later", msg
     return None
 
 

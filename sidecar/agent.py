@@ -38,6 +38,8 @@ from replicad.messages import (
     Cursor,
     DiffPush,
     Hint,
+    MerkleLeavesRequest,
+    MerkleNodesRequest,
     Request,
     Response,
     SnapshotChunk,
@@ -226,6 +228,8 @@ class DatasetSync:
     async def _send(self, action: Send) -> None:
         req = action.request
         follow: Send | None = None
+        if isinstance(req, MerkleNodesRequest | MerkleLeavesRequest):
+            await self._complete_leaf_index()
         try:
             if isinstance(req, SnapshotRequest) and req.stream:
                 follow = await self._stream(req)  # timed per chunk, not as a whole
@@ -241,6 +245,16 @@ class DatasetSync:
             self.sync.failed(reason, trio.current_time())
         if follow is not None:
             await self._send(follow)
+
+    async def _complete_leaf_index(self) -> None:
+        """A Merkle repair compares leaf listings: build what is left of a
+        leaf index a snapshot load left incomplete first, in the apply
+        thread (as the agent's index task does), never in this one."""
+        while not self.handle.index_complete():
+            if self.apply_thread is not None:
+                await self.apply_thread.run(self.handle.index_step)
+            else:
+                await trio.to_thread.run_sync(self.handle.index_step)
 
     async def _stream(self, req: SnapshotRequest) -> Send | None:
         """Feed the stream's chunks; return a request the machine handed out

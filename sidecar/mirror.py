@@ -13,9 +13,10 @@ named database             contents
                            ``version`` (int),
                            ``meta_revision`` (int), ``definition`` (bytes: the
                            origin's dataset definition: schemas, dictionary,
-                           geometry), ``synced_at`` (float, unix seconds),
-                           ``index_from`` (bytes or nil: see "Leaf index").
+                           geometry), ``synced_at`` (float, unix seconds).
                            ``stage/<name>`` -> the staged snapshot in progress
+                           ``index/<name>`` -> where the leaf index build
+                           resumes (present only while it is incomplete)
 ``d/<name>/<gen % 2>``     records: key -> value bytes, exactly as the origin
                            encoded them
 ``l/<name>/<gen % 2>``     Merkle leaf index: leaf (4 bytes BE) + key -> the
@@ -43,12 +44,14 @@ inserts into a B-tree of every key: half of a bootstrap's apply time); the
 tree is updated from the hashes computed anyway. After the promotion the
 sync loop builds the index in the background, in short write transactions
 of a few thousand records each, walking the records in key order
-(:meth:`Mirror.index_step`); ``index_from`` in ``ds/<name>`` (nil when the
+(:meth:`Mirror.index_step`); ``index/<name>`` in ``meta`` (absent when the
 index is complete) is where the walk resumes after a restart. Meanwhile
 every apply keeps the rows of the keys it touches, so a row that exists is
-always right; leaf entries are the rows plus, from ``index_from`` on, the
-records without a row, hashed on the spot. At start-up a tree whose index
-is incomplete (and a staging generation's) is rebuilt from the records.
+always right; leaf entries are the rows plus, from the resume key on, the
+records without a row, hashed on the spot (a walk over all of them per
+leaf: the sync loop completes the index before a Merkle repair, and a relay
+waits for it before listing leaves). At start-up a tree whose index is
+incomplete (and a staging generation's) is rebuilt from the records.
 
 Memory: the environment is opened with a writable memory map
 (``MDB_WRITEMAP``), so a write transaction changes pages in place in the
@@ -198,6 +201,12 @@ class DatasetHandle:
     def apply(self, batch: Apply) -> bool:
         return self._mirror.apply(self._name, batch)
 
+    def index_complete(self) -> bool:
+        return self._mirror.index_complete(self._name)
+
+    def index_step(self) -> bool:
+        return self._mirror.index_step(self._name)
+
     def state(self) -> ReplicaState:
         return self._mirror.state(self._name)
 
@@ -304,13 +313,12 @@ class Mirror:
                         staged_meta = MetaBlob(int(st["meta_revision"]), st["definition"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise CorruptStateError(f"mirror: dataset {name!r} metadata: {exc}") from exc
-            index_from = doc.get("index_from")
             live = self._open_gen(
                 name,
                 gen,
                 geometry_of(definition),
                 build=True,
-                index_from=None if index_from is None else bytes(index_from),
+                index_from=rows.get(b"index/" + key[3:]),
             )
             staging = None
             if progress is not None:
@@ -377,7 +385,7 @@ class Mirror:
                 self._open_gen(name, 2, Geometry(), build=False, index_from=None)
                 ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)
                 with self._env.begin(write=True) as txn:
-                    self._put_ds(txn, ds, 1, None, meta=None, synced_at=None, index_from=None)
+                    self._put_ds(txn, ds, 1, None, meta=None, synced_at=None)
                 with self._state_lock:
                     self._datasets[name] = ds
         return DatasetHandle(self, name)
@@ -470,14 +478,10 @@ class Mirror:
             return None if value is None else bytes(value)
 
     def leaf_entries(self, name: str, leaf: int) -> LeafEntries:
-        """The live entries under ``leaf``, from the leaf index. The sync
-        loop's own Merkle repair asks here; if it comes while the index is
-        still being built after a snapshot load (rare: a repair within
-        seconds of the load), the rest of the index is built first, in this
-        thread -- a walk over every unindexed record per leaf would cost
-        more as soon as a few leaves differ."""
-        while not self.index_complete(name):  # (no write lock taken when complete)
-            self.index_step(name)
+        """The live entries under ``leaf``, from the leaf index (while it is
+        incomplete, plus the unindexed records of that leaf, hashed by a walk
+        over all of them: the sync loop completes the index before a Merkle
+        repair, :meth:`sidecar.agent.DatasetSync`)."""
         with self.view(name) as view:
             return view.leaf_entries(leaf)
 
@@ -579,25 +583,11 @@ class Mirror:
                 return False
             stage_key = b"stage/" + name.encode()
             if batch.target is Target.LIVE:
-                self._put_ds(
-                    txn,
-                    ds,
-                    ds.gen,
-                    batch.cursor,
-                    meta=batch.meta,
-                    synced_at=now,
-                    index_from=target.index_from,
-                )
+                self._put_ds(txn, ds, ds.gen, batch.cursor, meta=batch.meta, synced_at=now)
             elif batch.promote:
-                self._put_ds(
-                    txn,
-                    ds,
-                    target.gen,
-                    batch.cursor,
-                    meta=staged_meta,
-                    synced_at=now,
-                    index_from=target.index_from,
-                )
+                self._put_ds(txn, ds, target.gen, batch.cursor, meta=staged_meta, synced_at=now)
+                # its index is built from the first record on (see "Leaf index")
+                txn.put(b"index/" + name.encode(), b"", db=self._meta)
                 txn.delete(stage_key, db=self._meta)
                 txn.drop(ds.live.records, delete=False)  # empty the old slot
                 txn.drop(ds.live.leaves, delete=False)
@@ -653,20 +643,20 @@ class Mirror:
         txn = self._env.begin(write=True)
         try:
             cur = txn.cursor(db=gen.records)
-            rows = list(islice(cur.iternext(), limit + 1)) if cur.set_range(start) else []
-            resume = rows.pop()[0] if len(rows) > limit else None
-            txn.cursor(db=gen.leaves).putmulti(
-                [(pack(leaf_of(k)) + k, entry_hash(k, v).to_bytes(16, "big")) for k, v in rows]
-            )
-            self._put_ds(
-                txn,
-                ds,
-                ds.gen,
-                ds.cursor,
-                meta=None,
-                synced_at=ds.synced_at,
-                index_from=resume,
-            )
+            rows: list[tuple[bytes, bytes]] = []
+            resume: bytes | None = None
+            if cur.set_range(start):
+                for k, v in cur.iternext():  # hashed as walked: values may be large
+                    if len(rows) == limit:
+                        resume = k
+                        break
+                    rows.append((pack(leaf_of(k)) + k, entry_hash(k, v).to_bytes(16, "big")))
+            txn.cursor(db=gen.leaves).putmulti(rows)
+            index_key = b"index/" + name.encode()
+            if resume is None:
+                txn.delete(index_key, db=self._meta)
+            else:
+                txn.put(index_key, resume, db=self._meta)
         except BaseException:
             txn.abort()
             raise
@@ -754,7 +744,6 @@ class Mirror:
         *,
         meta: MetaBlob | None,
         synced_at: float | None,
-        index_from: bytes | None,
     ) -> None:
         doc: dict[str, Any] = {
             "gen": gen,
@@ -764,6 +753,4 @@ class Mirror:
             "definition": ds.definition if meta is None else meta.body,
             "synced_at": synced_at,
         }
-        if index_from is not None:  # absent: complete (and mirrors written before it)
-            doc["index_from"] = index_from
         txn.put(b"ds/" + ds.name.encode(), msgpack.packb(doc, use_bin_type=True), db=self._meta)

@@ -33,7 +33,7 @@ import msgpack
 import trio
 
 from replicad.codec import DatasetCodec
-from replicad.errors import AuthError, UnknownDatasetError
+from replicad.errors import AuthError, RetryLaterError, UnknownDatasetError
 from replicad.hub import Fleet, HintEvent, HintHub
 from replicad.merkle import Geometry
 from replicad.messages import (
@@ -66,7 +66,8 @@ from sidecar.reader import codec_from_definition
 READ_ONLY = "this is a relay: it is read-only; write to the origin"
 INDEX_WAIT = 30.0
 """Seconds a leaf listing waits for a leaf index being built after the
-relay's own snapshot load (then it is answered anyway, hashing records)."""
+relay's own snapshot load; then it is refused with 503 (the replica below
+retries later)."""
 
 
 class RelayService:
@@ -210,12 +211,18 @@ class RelayService:
 
     async def _leaf_index_built(self, name: str) -> None:
         """Wait (up to :data:`INDEX_WAIT`) while the mirror's leaf index is
-        being built after a snapshot load: meanwhile each leaf listed would
-        cost a walk over every record not indexed yet (a replica below that
-        repairs right after the relay's bootstrap asks for many)."""
+        being built after a snapshot load, then refuse (RetryLaterError):
+        meanwhile each leaf listed would cost a walk over every record not
+        indexed yet, and a replica below that repairs right after the relay's
+        bootstrap asks for thousands."""
         with trio.move_on_after(INDEX_WAIT):
             while not self.mirror.index_complete(name):
                 await trio.sleep(0.05)
+        if not self.mirror.index_complete(name):
+            raise RetryLaterError(
+                f"the relay is still building the leaf index of {name!r} (after a snapshot "
+                "load); retry in a few seconds"
+            )
 
     def _answer(self, request: Request) -> Response:
         with self.mirror.view(request.dataset) as view:

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from replicad.errors import OriginUnavailableError
+from replicad.loopback import LoopbackDriver
 from replicad.merkle import entry_hash
 from replicad.messages import (
     Cursor,
@@ -28,12 +29,12 @@ from replicad.messages import (
     SnapshotRequest,
 )
 from replicad.origin_types import DatasetSpec, WriteBatch
-from replicad.replica import SyncConfig
+from replicad.replica import ReplicaSync, SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.service import OriginService
 from replicad.store import OriginStore
 from sidecar.agent import LARGE_BATCH, Agent, AgentSettings
-from sidecar.mirror import Mirror
+from sidecar.mirror import INDEX_STEP, Mirror
 
 
 class ServiceTransport:
@@ -290,6 +291,54 @@ async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
         assert ds.stats.syncs["merkle"] == 1 and "snapshot" not in ds.stats.syncs
         assert ds.stats.records_applied == 1
         assert mirror.items("up") == records(store)
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
+
+
+async def test_a_repair_first_completes_an_unfinished_leaf_index_in_the_apply_thread(
+    paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror whose snapshot load left its leaf index unbuilt (the process
+    stopped before the background build), restarted after the origin lost
+    its history: the Merkle repair needs leaf listings, and the loop builds
+    the rest of the index first, in the apply thread, not in trio's."""
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    built_in: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+        await service.write(
+            WriteBatch("up", {b"u%05d" % i: seed_like_record(i) for i in range(10_000)})
+        )
+        mirror = Mirror(paths[1], durable=False)
+        handle = mirror.ensure("up")
+        loader = ReplicaSync("up", state=handle.state(), local=handle, rng=random.Random(1), now=0)
+        LoopbackDriver(loader, handle, store).run(0.0)  # a snapshot load, no index build
+        assert mirror.items("up") == records(store) and not mirror.index_complete("up")
+        await service.reset_history("up")
+        await service.write(WriteBatch("up", {b"u00001": seed_like_record(99)}))
+
+        step = mirror.index_step
+
+        def recorded(name: str, limit: int = INDEX_STEP) -> bool:
+            built_in.append(threading.current_thread().name)
+            return step(name, limit)
+
+        monkeypatch.setattr(mirror, "index_step", recorded)
+        settings = AgentSettings(
+            datasets=("up",), replica_id="test-idx", sync=SyncConfig(poll_interval=0.2)
+        )
+        agent = Agent(mirror, ServiceTransport(service), settings, rng=random.Random(4))
+        monkeypatch.setattr(agent, "_build_indexes", trio.sleep_forever)  # the repair alone
+        await nursery.start(agent.run)
+        await wait_until(lambda: mirror.cursor("up") == store.info("up").cursor, timeout=10)
+        ds = agent.datasets["up"].sync
+        assert ds.stats.syncs["merkle"] == 1 and "snapshot" not in ds.stats.syncs
+        assert ds.stats.records_applied == 1
+        assert mirror.index_complete("up") and mirror.items("up") == records(store)
+        assert len(built_in) >= 3 and set(built_in) == {"sidecar-apply"}
         nursery.cancel_scope.cancel()
     mirror.close()
     store.close()

@@ -11,6 +11,8 @@ import msgpack
 import pytest
 import trio
 
+from replicad.errors import RetryLaterError
+from replicad.http_app import error_response
 from replicad.loopback import LoopbackDriver
 from replicad.memory import MemoryMirror
 from replicad.merkle import LeafQuery
@@ -29,6 +31,7 @@ from replicad.responder import snapshot_chunk
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.store import OriginStore
 from sidecar import Reader
+from sidecar import relay as relay_module
 from sidecar.mirror import Mirror
 from sidecar.relay import RelayService
 from tests.origin_proc import OriginProcess
@@ -218,18 +221,27 @@ def build_index(mirror: Mirror) -> None:
         pass
 
 
-async def test_a_relays_leaf_listing_waits_for_its_leaf_index(tmp_path: Path) -> None:
+async def test_a_relays_leaf_listing_waits_for_its_leaf_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Right after the relay's snapshot load its leaf index is being built:
     a leaf listing waits for it (instead of hashing every unindexed record
-    per leaf), then answers what the complete index says."""
+    per leaf), answers as soon as it is complete, and is refused with a
+    retryable error (503) if it takes longer than INDEX_WAIT."""
     chain = Chain(tmp_path)
     chain.up.run(0.0)
     mirror = chain.mirror
     assert not mirror.index_complete("up")
-    leaves = tuple(
-        sorted({mirror._state("up").live.tree.geometry.leaf_of(k) for k in [b"u0007", b"u0300"]})
-    )
+    geometry = mirror._state("up").live.tree.geometry
+    leaves = tuple(sorted({geometry.leaf_of(k) for k in [b"u0007", b"u0300"]}))
     request = MerkleLeavesRequest("up", LeafQuery(leaves))
+
+    monkeypatch.setattr(relay_module, "INDEX_WAIT", 0.2)
+    with pytest.raises(RetryLaterError, match="still building the leaf index"):
+        await chain.relay.sync(request)
+    assert error_response(RetryLaterError("x"), "/v1/sync") == (503, "retry_later", "x")
+
+    monkeypatch.setattr(relay_module, "INDEX_WAIT", 60.0)
     answers: list[Response] = []
 
     async def ask() -> None:
@@ -240,9 +252,11 @@ async def test_a_relays_leaf_listing_waits_for_its_leaf_index(tmp_path: Path) ->
         await trio.sleep(0.3)
         assert answers == []  # still waiting
         await trio.to_thread.run_sync(build_index, mirror)
+        with trio.fail_after(2):  # answered promptly once the index is complete
+            while not answers:
+                await trio.sleep(0.01)
     (answer,) = answers
     assert isinstance(answer, MerkleLeavesResponse)
-    assert mirror.index_complete("up")
     with chain.origin.view("up") as origin_view:
         want = tuple((leaf, origin_view.leaf_entries(leaf)) for leaf in leaves)
     assert answer.answer.entries == want
