@@ -571,7 +571,7 @@ class Dispatcher:
             cache.validate(v, codec, cursor.epoch)
         out = cache.entries.get(raw)
         if out is None:
-            out = to_json(dict(zip(codec.field_names, codec.decode_values(raw), strict=True)))
+            out = to_json(codec.decode(raw))  # the generated decoder builds the dict itself
             cache.store(raw, out)
         return out
 
