@@ -78,7 +78,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -677,21 +677,31 @@ class Mirror:
         inserted: tuple[list[int], list[int]] = ([], [])
         shift = 64 - (gen.tree.geometry.leaves.bit_length() - 1)
         records, leaves = gen.records, gen.leaves
-        replace, put, pack = txn.replace, txn.put, _LEAF.pack
-        upserts: Iterable[tuple[bytes, bytes]] = batch.upserts
+        replace, pack = txn.replace, _LEAF.pack
+        upserts: Sequence[tuple[bytes, bytes]] = batch.upserts
         if batch.target is Target.STAGING and not batch.promote:
             # a snapshot chunk: its keys are new to staging (chunks do not
             # overlap), so insert without reading old values; a key already
             # there (a server repeating itself) takes the general path below
             upserts, inserted = self._stage_chunk(txn, gen, batch.upserts, shift)
-        for key, value in upserts:
-            old = replace(key, value, db=records)
-            if old == value:
-                continue
-            leaf = xxh3_64_intdigest(key) >> shift
-            new_h = entry_hash(key, value)
-            put(pack(leaf) + key, new_h.to_bytes(16, "big"), db=leaves)
-            changes.append((leaf, None if old is None else entry_hash(key, bytes(old)), new_h))
+        # one pass per step, each a comprehension (a large diff is 100,000s
+        # of records): write the values, keep the changed ones, then their
+        # leaves, hashes and index rows (in batch order: a key repeated in
+        # the batch ends with its last value, as one put after another would)
+        olds = [replace(key, value, db=records) for key, value in upserts]
+        changed = [
+            (key, value, old)
+            for (key, value), old in zip(upserts, olds, strict=True)
+            if old != value
+        ]
+        if changed:
+            new_leaves = [xxh3_64_intdigest(key) >> shift for key, _, _ in changed]
+            new_hashes = [entry_hash(key, value) for key, value, _ in changed]
+            old_hashes = [None if old is None else entry_hash(key, old) for key, _, old in changed]
+            rows = [pack(lf) + c[0] for lf, c in zip(new_leaves, changed, strict=True)]
+            hashes = [h.to_bytes(16, "big") for h in new_hashes]
+            txn.cursor(db=leaves).putmulti(list(zip(rows, hashes, strict=True)))
+            changes += zip(new_leaves, old_hashes, new_hashes, strict=True)
         for key in batch.deletes:
             old = txn.pop(key, db=records)
             if old is None:

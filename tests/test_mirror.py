@@ -366,3 +366,43 @@ def test_leaf_entries_during_the_build_add_the_unindexed_records(
         assert mirror.leaf_entries("up", leaf) == want
     assert not mirror.index_complete("up")  # a read: it builds nothing
     mirror.close()
+
+
+def test_a_diff_repeating_a_key_or_deleting_one_it_wrote_ends_like_one_write_after_another(
+    tmp_path: Path,
+) -> None:
+    """The live path writes a batch's values, then its index rows, then its
+    deletes, in passes: a key written twice ends with its last value and
+    one index row, a key written then deleted ends absent with none."""
+    from replicad.merkle import Digest
+    from replicad.messages import Cursor
+    from replicad.replica import Apply, SyncKind, Target
+
+    mirror = Mirror(tmp_path / "m", durable=False)
+    handle = mirror.ensure("d")
+    epoch = b"e" * 16
+
+    def live(upserts: tuple[tuple[bytes, bytes], ...], deletes: tuple[bytes, ...], v: int) -> bool:
+        want = dict(mirror.items("d"))
+        for k, val in upserts:
+            want[k] = val
+        for k in deletes:
+            want.pop(k, None)
+        xor = 0
+        for k, val in want.items():
+            xor ^= entry_hash(k, val)
+        return handle.apply(
+            Apply("d", SyncKind.DIFF, Target.LIVE, upserts, deletes, Cursor(epoch, v),
+                  Digest(len(want), xor))
+        )  # fmt: skip
+
+    assert live(((b"a", b"1"), (b"b", b"2"), (b"c", b"3")), (), 1)
+    assert live(((b"a", b"4"), (b"b", b"5"), (b"a", b"6"), (b"c", b"3")), (b"b",), 2)
+    assert mirror.items("d") == {b"a": b"6", b"c": b"3"}
+    assert leaf_rows(mirror, "d") == expected_rows(mirror, "d")
+    wrong = Apply("d", SyncKind.DIFF, Target.LIVE, ((b"a", b"7"),), (), Cursor(epoch, 3),
+                  Digest(2, 0))  # fmt: skip
+    assert not handle.apply(wrong)  # refused whole: nothing written
+    assert mirror.items("d") == {b"a": b"6", b"c": b"3"}
+    assert leaf_rows(mirror, "d") == expected_rows(mirror, "d")
+    mirror.close()
