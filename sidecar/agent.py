@@ -228,9 +228,9 @@ class DatasetSync:
     async def _send(self, action: Send) -> None:
         req = action.request
         follow: Send | None = None
-        if isinstance(req, MerkleNodesRequest | MerkleLeavesRequest):
-            await self._complete_leaf_index()
         try:
+            if isinstance(req, MerkleNodesRequest | MerkleLeavesRequest):
+                await self._complete_leaf_index()  # a StorageError fails this sync
             if isinstance(req, SnapshotRequest) and req.stream:
                 follow = await self._stream(req)  # timed per chunk, not as a whole
             else:
