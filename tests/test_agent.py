@@ -75,6 +75,16 @@ class ServiceTransport:
         self.acks.append((replica, dict(datasets)))
 
 
+async def serve_up(
+    nursery: trio.Nursery, service: OriginService, n: int, key: bytes = b"u%04d"
+) -> None:
+    """Start the origin service with dataset "up" holding ``n`` seed-like
+    records (keys ``key % i``)."""
+    await nursery.start(service.run)
+    await service.create_dataset(DatasetSpec("up", seed_like_schema()))
+    await service.write(WriteBatch("up", {key % i: seed_like_record(i) for i in range(n)}))
+
+
 async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
@@ -103,11 +113,7 @@ async def test_the_agent_bootstraps_follows_hints_and_acks(paths: tuple[Path, Pa
         ack_interval=0.05,
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
-        )
+        await serve_up(nursery, service, 500, b"u%04d")
         agent = Agent(mirror, transport, settings, rng=random.Random(1))
         await nursery.start(agent.run)
         await wait_until(agent.ready)
@@ -152,11 +158,7 @@ async def test_small_versions_arrive_pushed_without_a_request(
         datasets=("up",), replica_id="p", sync=SyncConfig(poll_interval=60.0), ack_interval=60
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(50)})
-        )
+        await serve_up(nursery, service, 50, b"u%04d")
         agent = Agent(mirror, transport, settings, rng=random.Random(1))
         await nursery.start(agent.run)
         await wait_until(agent.ready)
@@ -195,11 +197,7 @@ async def test_large_batches_apply_in_the_lowered_thread_small_ones_do_not(
     )
     applied: list[tuple[int, str, int]] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%05d" % i: seed_like_record(i) for i in range(2 * LARGE_BATCH)})
-        )
+        await serve_up(nursery, service, 2 * LARGE_BATCH, b"u%05d")
         agent = Agent(mirror, ServiceTransport(service), settings, rng=random.Random(1))
         handle = agent.datasets["up"].handle
         apply = handle.apply
@@ -265,11 +263,7 @@ async def test_restart_resumes_from_the_mirror_and_repairs_an_epoch_change(
         datasets=("up",), replica_id="test-3", sync=SyncConfig(poll_interval=0.2)
     )
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(300)})
-        )
+        await serve_up(nursery, service, 300, b"u%04d")
         mirror = Mirror(paths[1], durable=False)
         transport = ServiceTransport(service)
         async with trio.open_nursery() as inner:
@@ -307,11 +301,7 @@ async def test_a_repair_first_completes_an_unfinished_leaf_index_in_the_apply_th
     service = OriginService(store)
     built_in: list[str] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-        await service.write(
-            WriteBatch("up", {b"u%05d" % i: seed_like_record(i) for i in range(10_000)})
-        )
+        await serve_up(nursery, service, 10_000, b"u%05d")
         mirror = Mirror(paths[1], durable=False)
         handle = mirror.ensure("up")
         loader = ReplicaSync("up", state=handle.state(), local=handle, rng=random.Random(1), now=0)
@@ -360,11 +350,7 @@ async def origin_with_500_records(
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(service.run)
-            await service.create_dataset(DatasetSpec("up", seed_like_schema()))
-            await service.write(
-                WriteBatch("up", {b"u%04d" % i: seed_like_record(i) for i in range(500)})
-            )
+            await serve_up(nursery, service, 500, b"u%04d")
             yield store, service, mirror, agent_settings, nursery
             nursery.cancel_scope.cancel()
     finally:
