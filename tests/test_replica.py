@@ -52,6 +52,19 @@ def connect(origin: MemoryDataset, **cfg: Any) -> tuple[MemoryMirror, ReplicaSyn
     return mirror, sync, Driver(sync, mirror, origin)
 
 
+def synced(
+    n: int = 0, *, geometry: Geometry = SMALL, max_keys: int | None = None, **cfg: Any
+) -> tuple[MemoryDataset, MemoryMirror, ReplicaSync, Driver]:
+    """An origin of ``n`` records (``make_origin``) and a replica connected
+    to it (``connect``, ``cfg`` its settings) that has completed its first
+    sync."""
+    kw: dict[str, Any] = {} if max_keys is None else {"max_keys": max_keys}
+    origin = make_origin(n, geometry=geometry, **kw)
+    mirror, sync, driver = connect(origin, **cfg)
+    driver.run(0.0)
+    return origin, mirror, sync, driver
+
+
 def assert_same(mirror: MemoryMirror, origin: MemoryDataset) -> None:
     assert mirror.live.records == origin.records
     assert mirror.cursor == origin.cursor
@@ -73,25 +86,19 @@ def test_bootstrap_by_snapshot_in_chunks() -> None:
 
 
 def test_bootstrap_without_streaming_asks_chunk_by_chunk() -> None:
-    origin = make_origin(50)
-    mirror, _, driver = connect(origin, snapshot_stream=False)
-    driver.run(0.0)
+    origin, mirror, _, driver = synced(50, snapshot_stream=False)
     assert_same(mirror, origin)
     assert driver.request_kinds == ["SnapshotRequest"] * 8 + ["DiffRequest"]
 
 
 def test_empty_origin_bootstraps_to_version_zero() -> None:
-    origin = make_origin(0)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    _, mirror, sync, _ = synced(0)
     assert mirror.cursor == Cursor(EPOCH_A, 0)
     assert sync.ready
 
 
 def test_follows_writes_and_deletes_with_hints() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"k00001": b"new", b"fresh": b"x"}, [b"k00002", b"never-existed"])
     sync.hint(Hint("ds", origin.cursor, origin.digest), 0.1)
     driver.run(0.1)
@@ -101,9 +108,7 @@ def test_follows_writes_and_deletes_with_hints() -> None:
 
 
 def test_without_hint_the_safety_poll_pulls() -> None:
-    origin = make_origin(5)
-    mirror, _, driver = connect(origin, poll_interval=2.0)
-    driver.run(0.0)
+    origin, mirror, _, driver = synced(5, poll_interval=2.0)
     origin.write({b"late": b"1"})
     wait = driver.run(1.0)  # before the poll interval: nothing
     assert wait.deadline == pytest.approx(2.0)
@@ -113,9 +118,7 @@ def test_without_hint_the_safety_poll_pulls() -> None:
 
 
 def test_hints_coalesce_into_one_pull() -> None:
-    origin = make_origin(5)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(5)
     before = driver.requests
     for i in range(10):
         origin.write({b"burst%d" % i: b"x"})
@@ -131,9 +134,7 @@ def last_push(origin: MemoryDataset) -> DiffPush:
 
 
 def test_a_push_at_our_cursor_applies_without_a_request() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     before = driver.requests
     for i in range(5):
         origin.write({b"k00001": b"new%d" % i, b"fresh%d" % i: b"x"}, [b"k%05d" % (i + 2)])
@@ -145,9 +146,7 @@ def test_a_push_at_our_cursor_applies_without_a_request() -> None:
 
 
 def test_a_push_that_does_not_start_at_our_cursor_is_a_hint() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"missed": b"1"})
     origin.write({b"seen": b"2"})
     assert not sync.pushed(last_push(origin), 0.1)  # a gap: since is not our cursor
@@ -161,9 +160,7 @@ def test_a_push_that_does_not_start_at_our_cursor_is_a_hint() -> None:
 
 
 def test_a_push_under_another_definition_revision_pulls_unless_it_carries_it() -> None:
-    origin = make_origin(5)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(5)
     origin.set_meta(b"v2")
     origin.write({b"a": b"1"})
     assert not sync.pushed(last_push(origin), 0.1)  # revision 2, we hold 1
@@ -184,9 +181,7 @@ def test_a_push_under_another_definition_revision_pulls_unless_it_carries_it() -
 
 
 def test_a_push_held_across_a_failed_pull_and_a_lying_push_is_repaired() -> None:
-    origin = make_origin(30)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(30)
     origin.write({b"a": b"1"})
     sync.request_pull()
     action = sync.next_action(0.1)  # a DiffRequest is now outstanding
@@ -236,9 +231,7 @@ def _start_push_apply(sync: ReplicaSync, origin: MemoryDataset, now: float) -> A
 def _one_applying_one_held() -> tuple[MemoryDataset, MemoryMirror, ReplicaSync, Driver, Apply]:
     """A synced replica applying the push of ``a=1`` (returned, outstanding)
     while the push of ``b=2`` arrives and is held."""
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"a": b"1"})
     first = _start_push_apply(sync, origin, 0.1)
     origin.write({b"b": b"2"})
@@ -247,9 +240,7 @@ def _one_applying_one_held() -> tuple[MemoryDataset, MemoryMirror, ReplicaSync, 
 
 
 def test_pushes_arriving_during_an_apply_are_merged_and_applied_after_it() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     before = driver.requests
     origin.write({b"k00001": b"first"})
     first = _start_push_apply(sync, origin, 0.1)
@@ -275,9 +266,7 @@ def test_pushes_arriving_during_an_apply_are_merged_and_applied_after_it() -> No
 
 
 def test_a_held_push_already_covered_by_the_pull_in_flight_is_dropped() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"a": b"1"})
     before = driver.requests
     held: list[bool] = []
@@ -297,9 +286,7 @@ def test_a_held_push_already_covered_by_the_pull_in_flight_is_dropped() -> None:
 
 
 def test_a_held_push_with_a_gap_before_it_pulls() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"a": b"1"})
     first = _start_push_apply(sync, origin, 0.1)
     origin.write({b"lost": b"1"})  # its push never arrives
@@ -310,9 +297,7 @@ def test_a_held_push_with_a_gap_before_it_pulls() -> None:
 
 
 def test_a_late_push_does_not_replace_a_newer_held_one() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20)
     origin.write({b"a": b"1"})
     first_push = last_push(origin)
     first = _start_push_apply(sync, origin, 0.1)
@@ -364,9 +349,7 @@ def test_a_push_between_an_apply_and_the_next_action_joins_the_held_ones() -> No
 
 
 def test_a_push_larger_than_the_hold_limit_is_a_hint() -> None:
-    origin = make_origin(20)
-    mirror, sync, driver = connect(origin, max_held_push_bytes=10)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(20, max_held_push_bytes=10)
     origin.write({b"a": b"1"})
     first = _start_push_apply(sync, origin, 0.1)
     origin.write({b"big": b"x" * 20})
@@ -378,9 +361,7 @@ def test_a_push_larger_than_the_hold_limit_is_a_hint() -> None:
 
 
 def test_stale_or_foreign_hints_do_not_pull() -> None:
-    origin = make_origin(5)
-    _, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, _, sync, driver = synced(5)
     before = driver.requests
     sync.hint(Hint("other", Cursor(EPOCH_B, 99), origin.digest), 0.1)
     sync.hint(Hint("ds", Cursor(EPOCH_A, 0), origin.digest), 0.1)
@@ -389,9 +370,7 @@ def test_stale_or_foreign_hints_do_not_pull() -> None:
 
 
 def test_epoch_change_repairs_with_merkle_shipping_only_differences() -> None:
-    origin = make_origin(300, geometry=Geometry())
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(300, geometry=Geometry())
     origin.lose_history(EPOCH_B)
     origin.write({b"k00007": b"changed"}, [b"k00100"])
     applied_before = sync.stats.records_applied
@@ -412,9 +391,7 @@ def test_epoch_change_repairs_with_merkle_shipping_only_differences() -> None:
 
 
 def test_history_truncated_falls_back_to_merkle() -> None:
-    origin = make_origin(40, geometry=Geometry(), max_keys=5)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(40, geometry=Geometry(), max_keys=5)
     for i in range(8):  # more keys than the queue may hold: old entries go
         origin.write({b"k%05d" % i: b"again%d" % i})
     with pytest.raises(Exception):  # noqa: B017 - any CursorError subclass
@@ -426,9 +403,7 @@ def test_history_truncated_falls_back_to_merkle() -> None:
 
 
 def test_too_many_differences_switch_to_snapshot() -> None:
-    origin = make_origin(100)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(100)
     origin.lose_history(EPOCH_B)
     origin.replace_all({b"z%05d" % i: b"w" for i in range(100)})
     sync.request_pull()
@@ -438,9 +413,7 @@ def test_too_many_differences_switch_to_snapshot() -> None:
 
 
 def test_local_divergence_detected_by_digest_and_repaired() -> None:
-    origin = make_origin(60)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(60)
     # corrupt the live mirror behind the machine's back (tree kept consistent,
     # as when the tree is rebuilt from corrupted storage)
     key = b"k00003"
@@ -552,9 +525,7 @@ def test_answer_for_another_dataset_counts_as_failure() -> None:
 
 
 def test_apply_failure_in_storage_backs_off_and_retries() -> None:
-    origin = make_origin(3)
-    mirror, sync, driver = connect(origin)
-    driver.run(0.0)
+    origin, mirror, sync, driver = synced(3)
     origin.write({b"a": b"b"})
     sync.request_pull()
     assert isinstance(sync.next_action(0.0), Send)

@@ -155,32 +155,20 @@ def test_a_key_written_twice_starts_the_next_batch_in_order(
     client: OriginClient, fake: FakeOrigin
 ) -> None:
     writer = BatchingWriter(client, "d", max_batch=100)
-    fake.gate = threading.Event()
-    _, t0 = _in_threads([lambda: writer.upsert("x", {"v": 0})])
-    assert fake.entered.acquire(timeout=10)
     # queued in this order: a=1, b=1, a=2, a deleted
-    results: list[Any] = []
-    threads = []
-    for i, call in enumerate(
-        [
-            lambda: writer.upsert("a", {"v": 1}),
-            lambda: writer.upsert("b", {"v": 1}),
-            lambda: writer.upsert("a", {"v": 2}),
-            lambda: writer.delete("a"),
-        ]
-    ):
-        r, t = _in_threads([call])
-        results.append(r)
-        threads += t
-        _wait_pending(writer, i + 1)
-    fake.gate.set()
-    _join(t0 + threads)
-    assert [b for b in fake.bodies[1:]] == [
+    calls = [
+        partial(writer.upsert, "a", {"v": 1}),
+        partial(writer.upsert, "b", {"v": 1}),
+        partial(writer.upsert, "a", {"v": 2}),
+        partial(writer.delete, "a"),
+    ]
+    _, rest = _behind_a_request(writer, fake, calls)
+    assert fake.bodies[1:] == [
         {"upserts": {b"a": {"v": 1}, b"b": {"v": 1}}, "deletes": []},
         {"upserts": {b"a": {"v": 2}}, "deletes": []},
         {"upserts": {}, "deletes": [b"a"]},
     ]
-    assert [r[0].version for r in results] == [2, 2, 3, 4]
+    assert [r.version for r in rest] == [2, 2, 3, 4]
 
 
 def test_max_batch_bounds_a_request(client: OriginClient, fake: FakeOrigin) -> None:
