@@ -106,13 +106,6 @@ class Record(Sequence[Any]):
         """The stored bytes (the origin's canonical encoding)."""
         return self._raw
 
-    @property
-    def codec(self) -> DatasetCodec:
-        """The codec it decodes with: the reader's for the dataset definition
-        the record was read under (the same object while that definition
-        stays the same)."""
-        return self._codec
-
     def __getitem__(self, item: Any) -> Any:
         values = self._values
         if values is None:
@@ -298,12 +291,8 @@ class Snapshot:
         """What :meth:`get` would wrap in a :class:`Record`: the stored bytes,
         the codec that decodes them and the version they belong to; None
         when the key is absent (for a server that renders many records)."""
-        ds = self._dataset(dataset)
-        raw = self._txn.get(key, db=ds.db)
-        if raw is None or ds.codec is None or ds.cursor is None:
-            return None
-        self._reader._is_stale(ds)  # raises when stale data is refused
-        return raw, ds.codec, ds.cursor
+        found = self._reader._lookup(self._txn, self._dataset(dataset), key)
+        return None if found is None else found[:3]
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
@@ -570,10 +559,21 @@ class Reader:
         return stale
 
     def _get(self, txn: Any, ds: _Dataset, key: bytes) -> Record | None:
+        found = self._lookup(txn, ds, key)
+        if found is None:
+            return None
+        raw, codec, cursor, stale = found
+        return Record(codec, raw, cursor, stale)
+
+    def _lookup(
+        self, txn: Any, ds: _Dataset, key: bytes
+    ) -> tuple[bytes, DatasetCodec, Cursor, bool] | None:
+        """The stored bytes at ``key``, their codec, cursor and staleness
+        (StaleDataError when stale data is refused); None when absent."""
         raw = txn.get(key, db=ds.db)
         if raw is None or ds.codec is None or ds.cursor is None:
             return None
-        return Record(ds.codec, raw, ds.cursor, self._is_stale(ds))
+        return raw, ds.codec, ds.cursor, self._is_stale(ds)
 
     def _get_many(self, txn: Any, ds: _Dataset, keys: Iterable[bytes]) -> list[Record | None]:
         codec, cursor = ds.codec, ds.cursor

@@ -100,7 +100,9 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
             assert snap.version("up") == rec.cursor
             found = snap.lookup("up", b"u007")  # what get wraps in a Record
             assert found is not None
-            assert (bytes(found[0]), found[1], found[2]) == (rec.raw, rec.codec, rec.cursor)
+            stored, codec, cursor = found
+            assert (bytes(stored), cursor) == (rec.raw, rec.cursor)
+            assert codec.decode(stored) == rec.to_dict()
             assert snap.lookup("up", b"missing") is None
             with pytest.raises(UnknownDatasetError):
                 snap.lookup("nope", b"x")
