@@ -1135,7 +1135,7 @@ def _snappy_length(data: bytes | bytearray | memoryview) -> int:
             return (b1 & 0x7F) | (b2 << 7)
     result = 0
     shift = 0
-    for i in range(1, min(len(data), 6)):
+    for i in range(1, min(n, 6)):
         byte = data[i]
         result |= (byte & 0x7F) << shift
         if byte < 0x80:

@@ -69,14 +69,15 @@ def unindexed_leaf_entries(
     """One leaf's entries when the leaf index holds rows only for certain
     records: ``indexed`` (the leaf's rows, all right) plus every record
     from key ``start`` on that falls in ``leaf`` and has no row, hashed
-    here (a walk over the unindexed records), in key order. ``records`` is
-    a cursor over the records, its transaction opened with ``buffers=False``."""
+    here (a walk over the unindexed keys, reading only the values of that
+    leaf), in key order. ``records`` is a cursor over the records, its
+    transaction opened with ``buffers=False``."""
     have = {k for k, _ in indexed}
     out = list(indexed)
     if records.set_range(start):
-        for k, v in records.iternext():
+        for k in records.iternext(keys=True, values=False):
             if k not in have and leaf_of(k) == leaf:
-                out.append((k, entry_hash(k, v)))
+                out.append((k, entry_hash(k, records.value())))
     out.sort()
     return out
 

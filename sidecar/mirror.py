@@ -125,6 +125,11 @@ def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | Non
     return Digest(count, xor)
 
 
+def _index_key(name: str) -> bytes:
+    """The ``meta`` key holding where a leaf index build resumes."""
+    return b"index/" + name.encode()
+
+
 def _db_name(kind: str, name: str, gen: int) -> bytes:
     """Generations alternate between two slots, so the database handles this
     process (and readers) opened stay valid across promotions."""
@@ -318,7 +323,7 @@ class Mirror:
                 gen,
                 geometry_of(definition),
                 build=True,
-                index_from=rows.get(b"index/" + key[3:]),
+                index_from=rows.get(_index_key(name)),
             )
             staging = None
             if progress is not None:
@@ -587,7 +592,7 @@ class Mirror:
             elif batch.promote:
                 self._put_ds(txn, ds, target.gen, batch.cursor, meta=staged_meta, synced_at=now)
                 # its index is built from the first record on (see "Leaf index")
-                txn.put(b"index/" + name.encode(), b"", db=self._meta)
+                txn.put(_index_key(name), b"", db=self._meta)
                 txn.delete(stage_key, db=self._meta)
                 txn.drop(ds.live.records, delete=False)  # empty the old slot
                 txn.drop(ds.live.leaves, delete=False)
@@ -652,11 +657,10 @@ class Mirror:
                         break
                     rows.append((pack(leaf_of(k)) + k, entry_hash(k, v).to_bytes(16, "big")))
             txn.cursor(db=gen.leaves).putmulti(rows)
-            index_key = b"index/" + name.encode()
             if resume is None:
-                txn.delete(index_key, db=self._meta)
+                txn.delete(_index_key(name), db=self._meta)
             else:
-                txn.put(index_key, resume, db=self._meta)
+                txn.put(_index_key(name), resume, db=self._meta)
         except BaseException:
             txn.abort()
             raise
