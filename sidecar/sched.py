@@ -21,7 +21,6 @@ architectures without a known system call number are left alone.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import platform
@@ -60,7 +59,7 @@ def request_slice(microseconds: int) -> bool:
     number = _SYS_SCHED_SETATTR.get(platform.machine())
     if number is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's syscall()
     tid = 0  # the calling thread
     attr = _SchedAttr(
         size=ctypes.sizeof(_SchedAttr),
