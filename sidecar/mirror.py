@@ -486,7 +486,7 @@ class Mirror:
         """The live entries under ``leaf``, from the leaf index (while it is
         incomplete, plus the unindexed records of that leaf, hashed by a walk
         over all of them: the sync loop completes the index before a Merkle
-        repair, :meth:`sidecar.agent.DatasetSync`)."""
+        repair: ``sidecar.agent.DatasetSync._complete_leaf_index``)."""
         with self.view(name) as view:
             return view.leaf_entries(leaf)
 
