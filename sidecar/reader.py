@@ -44,6 +44,7 @@ retries.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import threading
 import time
@@ -293,6 +294,20 @@ class Snapshot:
         when the key is absent (for a server that renders many records)."""
         found = self._reader._lookup(self._txn, self._dataset(dataset), key)
         return None if found is None else found[:3]
+
+    def fetcher(
+        self, dataset: str
+    ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None:
+        """For many lookups in one dataset (a server answering a pipeline):
+        ``get(key)``, the stored bytes or None when the key is absent, with
+        the codec that decodes them and the version they belong to; None
+        while the dataset has no version. Staleness is checked here, once
+        (StaleDataError when stale data is refused)."""
+        ds = self._dataset(dataset)
+        if ds.codec is None or ds.cursor is None:
+            return None
+        self._reader._is_stale(ds)
+        return functools.partial(self._txn.get, db=ds.db), ds.codec, ds.cursor
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until

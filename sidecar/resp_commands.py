@@ -26,14 +26,18 @@ Nothing here does I/O: the clock, the dataset list, the sync status and the
 connection counters are callables the adapter passes in. Per connection
 state (protocol version, client name, QUIT) lives in a :class:`Session`.
 
-Rendering JSON costs far more than the LMDB read, so rendered records are
+``execute_many`` answers a run of HGETs through one *replier* per dataset
+and view: the view's LMDB lookup function, the codec and the render cache
+resolved once, then a key in, the encoded bulk reply out.
+
+Rendering JSON costs far more than the LMDB read, so rendered replies are
 kept in a bounded cache per dataset keyed by the stored bytes. The same bytes
-render the same JSON while the dataset's epoch and field count stay the
-same (a schema evolution appends fields, which older records show with their
-defaults; an epoch change may bring anything): the first cache hit in each
-view decodes its record once to check both, and a change empties that
-dataset's cache. orjson renders when it is installed (an optional
-accelerator, about 15 times faster than the standard library's encoder).
+render the same JSON while the dataset's definition (its codec: schemas,
+dictionary) and epoch stay the same (a schema evolution appends fields,
+which older records show with their defaults; an epoch change may bring
+anything): each view's first replier compares both, and a change empties
+that dataset's cache. orjson renders (about 15 times faster than the
+standard library's encoder, which stays the fallback).
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ class ReadView(Protocol):
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]: ...
 
     def lookup(self, dataset: str, key: bytes) -> tuple[bytes, DatasetCodec, Cursor] | None: ...
+
+    def fetcher(
+        self, dataset: str
+    ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None: ...
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]: ...
 
@@ -227,6 +235,38 @@ def to_json(value: Any) -> bytes:
         return _ENCODER.encode(_finite(value)).encode()
 
 
+def _null_count(text: str) -> int:
+    return text.count("null")
+
+
+class _Renderer:
+    """A typed record's JSON, as :func:`to_json` of its decoded dict gives it,
+    by the fastest way that gives the same: orjson on the decoded dict, then
+    one check that every ``null`` it wrote is a field that is None (orjson
+    writes NaN and infinities as null too; a string holding "null" also
+    sends the record to :func:`to_json`, which is merely slower)."""
+
+    __slots__ = ("decode", "key_nulls")
+
+    def __init__(self, codec: DatasetCodec) -> None:
+        self.decode = codec.decode
+        # "null" inside field names, which every rendering holds
+        self.key_nulls = sum(_null_count(name) for name in codec.field_names)
+
+    def __call__(self, raw: bytes) -> bytes:
+        value = self.decode(raw)
+        if _orjson is not None:
+            try:
+                out: bytes = _orjson.dumps(value, default=_json_default)
+            except TypeError:  # e.g. an int beyond 64 bits
+                return to_json(value)
+            if b"null" not in out:
+                return out
+            if out.count(b"null") == self.key_nulls + list(value.values()).count(None):
+                return out
+        return to_json(value)
+
+
 def is_opaque(record: Record) -> bool:
     """An opaque dataset's record (its header byte, docs/FORMAT.md)."""
     raw = record.raw
@@ -234,20 +274,20 @@ def is_opaque(record: Record) -> bool:
 
 
 class _RenderCache:
-    """Rendered JSON of one dataset's typed records, keyed by their stored
-    bytes. ``checked`` is the last view it was validated in: the first hit
-    in each view compares the codec the record decodes with (the reader
-    keeps one per dataset definition: schemas, dictionary) and the epoch
-    with those the entries were rendered under, without decoding it."""
+    """HGET's replies (``$N`` CR LF, the JSON, CR LF) for one dataset's typed
+    records, keyed by their stored bytes. The entries hold while the codec
+    the records decode with (the reader keeps one per dataset definition:
+    schemas, dictionary) and the epoch stay those they were rendered under;
+    ``validate`` compares both, once per view."""
 
-    __slots__ = ("checked", "codec", "entries", "epoch", "limit")
+    __slots__ = ("codec", "entries", "epoch", "limit", "render")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.checked: object = None
         self.epoch: bytes | None = None
         self.codec: object = None
         self.entries: dict[bytes, bytes] = {}
+        self.render: Callable[[bytes], bytes] | None = None
 
     def store(self, raw: bytes, out: bytes) -> None:
         if self.limit:
@@ -257,11 +297,18 @@ class _RenderCache:
                     del self.entries[old]
             self.entries[raw] = out
 
-    def validate(self, view: object, codec: DatasetCodec, epoch: bytes) -> None:
-        if codec is not self.codec or epoch != self.epoch:
+    def validate(self, codec: DatasetCodec, epoch: bytes) -> Callable[[bytes], bytes]:
+        """The renderer of ``codec``'s records; the entries are dropped if
+        the codec or the epoch changed."""
+        if codec is not self.codec or epoch != self.epoch or self.render is None:
             self.entries.clear()
             self.codec, self.epoch = codec, epoch
-        self.checked = view
+            self.render = _Renderer(codec)
+        return self.render
+
+
+def _absent(key: bytes) -> None:
+    return None
 
 
 # ------------------------------------------------------------------ globs
@@ -422,6 +469,8 @@ class Dispatcher:
         self._clock = clock
         self._cache_entries = cache_entries
         self._caches: dict[str, _RenderCache] = {}
+        self._replier_view: object = None
+        self._repliers: dict[str, Callable[[bytes], bytes | None]] = {}
         self._names: dict[bytes, str] = {}
         self._globs: dict[bytes, re.Pattern[bytes]] = {}
         self._on_internal_error = on_internal_error
@@ -485,22 +534,26 @@ class Dispatcher:
         out: list[bytes] = []
         append = out.append
         names = self._names
+        repliers: dict[str, Callable[[bytes], bytes | None]] | None = None
+        nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"
+        fast = 0
         for args in commands:
-            # the hot path, HGET of a known dataset, kept flat
+            # the hot path, HGET of a known dataset, kept flat: one replier
+            # per dataset and view answers every key (its lookup and cache)
             if len(args) == 3 and (args[0] == b"HGET" or args[0] == b"hget"):
                 dataset = names.get(args[1])
                 key = args[2]
                 if dataset is not None and 0 < len(key) <= MAX_KEY_BYTES:
                     try:
-                        value = self._value(view(), dataset, key)
+                        if repliers is None:
+                            repliers = self._repliers_of(view())
+                        replier = repliers.get(dataset) or self._replier(view(), dataset)
+                        bulk = replier(key)
                     except Exception:  # the general path reports it
                         pass
                     else:
-                        self.commands_processed += 1
-                        if value is None:
-                            append(b"_\r\n" if session.protocol == 3 else b"$-1\r\n")
-                        else:
-                            append(b"$%d\r\n%b\r\n" % (len(value), value))
+                        fast += 1
+                        append(nil if bulk is None else bulk)
                         continue
             reply = self.execute(args, view, session)
             if type(reply) is bytes:
@@ -509,6 +562,7 @@ class Dispatcher:
                 append(encode(reply, session.protocol))
             if session.closing:
                 break
+        self.commands_processed += fast
         return b"".join(out)
 
     def execute(self, args: list[bytes], view: Callable[[], ReadView], session: Session) -> Reply:
@@ -554,26 +608,60 @@ class Dispatcher:
             self._names[arg] = name
         return name
 
-    def _value(self, v: ReadView, dataset: str, key: bytes) -> bytes | None:
-        """HGET's reply for one key: the record's JSON, an opaque value, or
-        None. UnknownDatasetError for a dataset the mirror does not hold."""
-        found = v.lookup(dataset, key)  # no Record object on this path
+    def _repliers_of(self, v: ReadView) -> dict[str, Callable[[bytes], bytes | None]]:
+        """The repliers made in view ``v`` (a new view starts with none)."""
+        if v is not self._replier_view:
+            self._repliers.clear()
+            self._replier_view = v
+        return self._repliers
+
+    def _replier(self, v: ReadView, dataset: str) -> Callable[[bytes], bytes | None]:
+        """``dataset``'s replier in view ``v``: key -> HGET's encoded bulk
+        reply (the record's JSON, or an opaque value), or None when the key
+        is absent. UnknownDatasetError for a dataset the mirror does not
+        hold; StaleDataError when stale data is refused."""
+        repliers = self._repliers_of(v)
+        replier = repliers.get(dataset)
+        if replier is not None:
+            return replier
+        found = v.fetcher(dataset)  # no Record object on this path
         if found is None:
-            return None
-        raw, codec, cursor = found
-        header = raw[0]
-        if header in _OPAQUE_HEADERS:  # docs/FORMAT.md
-            return raw[1:] if header == 0x12 else codec.decode_opaque(raw)
+            repliers[dataset] = _absent
+            return _absent
+        get, codec, cursor = found
         cache = self._caches.get(dataset)
         if cache is None:
             cache = self._caches[dataset] = _RenderCache(self._cache_entries)
-        if cache.checked is not v:
-            cache.validate(v, codec, cursor.epoch)
-        out = cache.entries.get(raw)
-        if out is None:
-            out = to_json(codec.decode(raw))  # the generated decoder builds the dict itself
-            cache.store(raw, out)
-        return out
+        render = cache.validate(codec, cursor.epoch)
+        entries, store, decode_opaque = cache.entries, cache.store, codec.decode_opaque
+
+        def reply(key: bytes) -> bytes | None:
+            raw = get(key)
+            if raw is None:
+                return None
+            header = raw[0]
+            if header == 0x12:  # opaque, stored as is (docs/FORMAT.md)
+                return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])
+            if header == 0x13:  # opaque, compressed
+                value = decode_opaque(raw)
+                return b"$%d\r\n%b\r\n" % (len(value), value)
+            out = entries.get(raw)
+            if out is None:
+                text = render(raw)
+                out = b"$%d\r\n%b\r\n" % (len(text), text)
+                store(raw, out)
+            return out
+
+        repliers[dataset] = reply
+        return reply
+
+    def _value(self, v: ReadView, dataset: str, key: bytes) -> bytes | None:
+        """HGET's value for one key: the record's JSON, an opaque value, or
+        None. UnknownDatasetError for a dataset the mirror does not hold."""
+        reply = self._replier(v, dataset)(key)
+        if reply is None:
+            return None
+        return reply[reply.index(b"\r\n") + 2 : -2]
 
     def _glob(self, pattern: bytes) -> re.Pattern[bytes]:
         rx = self._globs.get(pattern)

@@ -106,6 +106,13 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
             assert snap.lookup("up", b"missing") is None
             with pytest.raises(UnknownDatasetError):
                 snap.lookup("nope", b"x")
+            fetched = snap.fetcher("up")  # lookup's parts, once for many keys
+            assert fetched is not None
+            get, codec, cursor = fetched
+            assert (get(b"u007"), get(b"missing"), cursor) == (stored, None, rec.cursor)
+            assert codec is found[1]
+            with pytest.raises(UnknownDatasetError):
+                snap.fetcher("nope")
         with pytest.raises(UnknownDatasetError):
             reader.get("nope", b"x")
 
@@ -139,6 +146,12 @@ def test_staleness_flag_and_refusal(setup: Setup, tmp_path: Path) -> None:
         pytest.raises(StaleDataError),
     ):
         r.get("up", b"u001")
+    with (
+        Reader.over(setup.mirror, max_staleness=5.0, refuse_stale=True, clock=lambda: now[0]) as r,
+        r.snapshot() as snap,
+        pytest.raises(StaleDataError),
+    ):
+        snap.fetcher("up")
     with Reader.over(setup.mirror, max_staleness=1e12) as reader:
         rec = reader.get("up", b"u001")
         assert rec is not None and not rec.stale

@@ -582,6 +582,81 @@ def test_pipeline_replies_in_order(world: World) -> None:
     assert wire.endswith(b":200\r\n")
 
 
+def test_pipelined_hgets_read_their_own_view(world: World) -> None:
+    """One replier per dataset and view answers a pipeline's HGETs; the next
+    view sees what a sync changed, cached renderings included."""
+    commands = [[b"HGET", name, key] for key in (b"u001", b"b1") for name in (b"up", b"blobs")]
+    first = world.wire(*commands)
+    assert first == b"".join(world.wire(c) for c in commands)
+    assert first.count(b"$-1\r\n") == 2  # b1 in up, u001 in blobs
+    ok(world.origin.commit([WriteBatch("up", {b"u001": seed_like_record(77)})])[0])
+    ok(world.origin.commit([WriteBatch("blobs", {b"b1": b"bye"})])[0])
+    world.sync(1.0)
+    again = world.wire(*commands)
+    assert json.loads(again.split(b"\r\n")[1]) == expected_json(77)
+    assert again.endswith(b"$-1\r\n$-1\r\n$3\r\nbye\r\n")
+    assert again == b"".join(world.wire(c) for c in commands)
+
+
+RENDER_SCHEMA = Schema(
+    1,
+    (
+        Field("x", FieldType.FLOAT, nullable=True),
+        Field("nullable_y", FieldType.FLOAT32, nullable=True),  # "null" in a field name
+        Field("s", FieldType.STR, nullable=True),
+        Field("b", FieldType.BYTES, nullable=True),
+        Field("l", FieldType.FLOAT, is_list=True),
+        Field("i", FieldType.INT, nullable=True),
+    ),
+)
+floats = st.one_of(st.none(), st.floats(), st.sampled_from([math.nan]))
+floats32 = st.one_of(st.none(), st.floats(width=32), st.sampled_from([math.nan]))
+texts = st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["null", "a null", "NaN"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    record=st.fixed_dictionaries(
+        {
+            "x": floats,
+            "nullable_y": floats32,
+            "s": texts,
+            "b": st.one_of(st.none(), st.binary(max_size=6)),
+            "l": st.lists(st.floats(), max_size=3),
+            "i": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+        }
+    )
+)
+def test_the_renderer_writes_what_to_json_writes(record: dict[str, Any]) -> None:
+    """HGET's renderer (orjson plus a count of its nulls) gives to_json's
+    bytes, whatever NaN, null or "null" the record holds."""
+    from sidecar.resp_commands import _Renderer, to_json
+
+    codec = DatasetCodec([RENDER_SCHEMA])
+    raw = codec.encode(record)
+    assert _Renderer(codec)(raw) == to_json(codec.decode(raw))
+
+
+def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record with None fields (and "null" in a field name) is rendered by
+    orjson alone; only NaN and infinities, or "null" in a string, need to_json."""
+    import sidecar.resp_commands as rc
+
+    if rc._orjson is None:
+        pytest.skip("orjson is not installed")
+    codec = DatasetCodec([RENDER_SCHEMA])
+    render = rc._Renderer(codec)
+    calls: list[Any] = []
+    real = rc.to_json
+    monkeypatch.setattr(rc, "to_json", lambda v: calls.append(v) or real(v))
+    plain = {"x": None, "nullable_y": 0.5, "s": None, "b": None, "l": [1.0], "i": None}
+    assert json.loads(render(codec.encode(plain))) == plain
+    assert calls == []
+    for odd in ({"x": math.inf}, {"s": "null"}, {"l": [math.nan]}):
+        render(codec.encode({**plain, **odd}))
+    assert len(calls) == 3
+
+
 # --------------------------------------------------------------- the parser
 
 
