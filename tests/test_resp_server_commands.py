@@ -648,7 +648,12 @@ def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) ->
     render = rc._Renderer(codec)
     calls: list[Any] = []
     real = rc.to_json
-    monkeypatch.setattr(rc, "to_json", lambda v: calls.append(v) or real(v))
+
+    def counted(value: Any) -> bytes:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(rc, "to_json", counted)
     plain = {"x": None, "nullable_y": 0.5, "s": None, "b": None, "l": [1.0], "i": None}
     assert json.loads(render(codec.encode(plain))) == plain
     assert calls == []
