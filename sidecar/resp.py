@@ -156,6 +156,9 @@ class CommandParser:
         max_args, max_bulk = self.max_args, self.max_bulk
         max_request = self.max_request if self.max_request is not None else 1 << 62
         small = min(max_bulk, max_request, len(lens) - 1)
+        # a three-argument command's framing is at most 31 bytes ("*3", three
+        # "$4096" headers, CR LFs): arguments under this fit max_request too
+        small3 = min(small, max_request - 31)
         while i < last:
             count = heads.get(parts[i])
             if count is None or count > max_args:
@@ -166,13 +169,17 @@ class CommandParser:
             if count == 3:  # HGET, HEXISTS, ...: unrolled
                 h1, a1, h2, a2, h3, a3 = parts[i + 1 : end]
                 n1, n2, n3 = len(a1), len(a2), len(a3)
-                if n1 + n2 + n3 >= small or h1 != lens[n1] or h2 != lens[n2] or h3 != lens[n3]:
+                if n1 + n2 + n3 >= small3 or h1 != lens[n1] or h2 != lens[n2] or h3 != lens[n3]:
                     break
                 out.append([a1, a2, a3])
             else:
                 args = parts[i + 2 : end : 2]
                 size = sum(map(len, args))
-                if size >= small or parts[i + 1 : end : 2] != [lens[len(a)] for a in args]:
+                if (
+                    size >= small
+                    or parts[i + 1 : end : 2] != [lens[len(a)] for a in args]
+                    or sum(map(len, parts[i:end])) + 2 * (end - i) > max_request
+                ):
                     break
                 out.append(args)
             i = end

@@ -714,6 +714,28 @@ def test_fast_parse_equals_exact_parse(
         assert got == want and got_err == want_err, (data, limits)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    commands=st.lists(st.lists(arg, min_size=3, max_size=3), min_size=4, max_size=20),
+    odd=st.one_of(st.none(), st.tuples(st.integers(0, 19), command)),
+    junk=st.one_of(st.just(b""), st.binary(max_size=8), st.just(b"*3\r\n$4\r\nHGET\r\n")),
+    chunks=st.integers(1, 3),
+)
+def test_a_pipeline_of_three_argument_commands_parses_as_the_exact_parser_does(
+    commands: list[list[bytes]], odd: tuple[int, list[bytes]] | None, junk: bytes, chunks: int
+) -> None:
+    """Pipelines of HGET-shaped commands (the fast path's unrolled case, whose
+    size check must count the framing against max_request), with now and
+    then another command or junk among them."""
+    if odd is not None:
+        commands.insert(odd[0] % (len(commands) + 1), odd[1])
+    data = b"".join(encode(list[Reply](c)) for c in commands) + junk
+    for limits in ({}, {"max_bulk": 6}, {"max_args": 2}, {"max_request": 30}):
+        want, want_err = _exact(data, **limits)
+        got, got_err = _fast(data, chunks, **limits)
+        assert got == want and got_err == want_err, (data, limits)
+
+
 def test_parser_returns_commands_before_a_fault_then_raises() -> None:
     parser = CommandParser()
     parser.receive_data(b"*1\r\n$4\r\nPING\r\n*1\r\n$x\r\n")
