@@ -94,7 +94,8 @@ class CommandParser:
         """The fault that poisoned the parser, if any."""
         return self._error
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer ``data`` (copied: the caller may reuse it)."""
         if self._error is not None:
             raise self._error
         if self._pos == len(self._buf):

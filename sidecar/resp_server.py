@@ -79,6 +79,10 @@ log = logging.getLogger("sidecar.socket")
 OUTPUT_HIGH_WATER = 1 << 20
 """Stop reading from a connection while this many reply bytes wait for it."""
 RECV_BYTES = 256 << 10
+"""Bytes one read may take from a connection, into the worker's one
+reusable buffer: ``recv(RECV_BYTES)`` would allocate that much per call,
+which glibc serves with mmap, mremap and munmap (10 us instead of 1) until
+its threshold happens to rise."""
 ACCEPT_BACKOFF = 0.002
 """Seconds a worker with more connections than another ignores the listener."""
 WORKER_START_TIMEOUT = 30.0
@@ -355,6 +359,8 @@ class WorkerLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._resume_accept: float | None = None
         self._skipped = False
+        self._recv_buf = bytearray(RECV_BYTES)
+        self._recv_view = memoryview(self._recv_buf)
         self.ep = select.epoll()
 
     def stop(self) -> None:
@@ -486,13 +492,13 @@ class WorkerLoop:
 
     def _read(self, fd: int, conn: _Conn, batch: list[tuple[_Conn, list[list[bytes]]]]) -> None:
         try:
-            data = conn.sock.recv(RECV_BYTES)
+            size = conn.sock.recv_into(self._recv_buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(fd)
             return
-        if not data:
+        if not size:
             self._close(fd)
             return
         conn.last = time.monotonic()
@@ -500,7 +506,7 @@ class WorkerLoop:
             return  # QUIT or a protocol error: ignore what follows
         parser = conn.parser
         try:
-            parser.receive_data(data)
+            parser.receive_data(self._recv_view[:size])  # the parser copies it
             commands = parser.commands()
         except RespError as exc:
             self._send(conn, protocol_error(exc))

@@ -269,6 +269,26 @@ def test_pipelining_keeps_order(conn: Resp) -> None:
             assert reply == (b"hello" if i % 2 else None), i
 
 
+def test_commands_in_pieces_among_other_connections(
+    served: tuple[SidecarProcess, Path], conn: Resp
+) -> None:
+    """A command that arrives a few bytes at a time, while another connection
+    of the same worker is read in between (the worker reads every connection
+    into one reusable buffer), comes out whole."""
+    others = [Resp(served[1]) for _ in range(3)]  # one shares conn's worker, at least
+    try:
+        wire = b"*3\r\n$4\r\nHGET\r\n$2\r\nup\r\n$9\r\nuser:0007\r\n" * 2
+        for i in range(0, len(wire), 5):
+            conn.sock.sendall(wire[i : i + 5])
+            for other in others:
+                assert other.call("HGET", "blobs", "b1") == b"hello"
+        for _ in range(2):
+            assert json.loads(conn.read()) == expected(7)
+    finally:
+        for other in others:
+            other.close()
+
+
 def test_a_client_that_does_not_read_its_replies(conn: Resp) -> None:
     """About 3 MB of replies pipelined before the client reads any: the
     server stops reading from it while its replies wait, then carries on."""
