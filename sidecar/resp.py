@@ -67,7 +67,8 @@ than 4 KiB of arguments, the exact parser the rest."""
 
 
 class CommandParser:
-    """Incremental parser of client commands."""
+    """Incremental parser of client commands (the limits are fixed when it
+    is made)."""
 
     def __init__(
         self,
@@ -84,6 +85,13 @@ class CommandParser:
         self._buf = bytearray()
         self._pos = 0
         self._error: RespError | None = None
+        # the fast path's bounds: arguments of a command it takes total less
+        # than _small bytes (under max_bulk, max_request and _LENGTHS); a
+        # three-argument command's framing is at most 31 bytes ("*3", three
+        # "$4096" headers, CR LFs), so under _small3 it fits max_request too
+        self._limit = max_request if max_request is not None else 1 << 62
+        self._small = min(max_bulk, self._limit, len(_LENGTHS) - 1)
+        self._small3 = min(self._small, self._limit - 31) if max_args >= 3 else -1
 
     @property
     def buffered(self) -> int:
@@ -127,6 +135,20 @@ class CommandParser:
         """
         if self._error is not None:
             raise self._error
+        buf = self._buf
+        if self._pos == 0 and len(buf) > 2 and buf[0] == 42 and buf[1] == 51 and buf[2] == 13:
+            # the usual request: one canonical three-argument command
+            # (HGET d k) alone in the buffer, taken without the loops below
+            parts = bytes(buf).split(b"\r\n")
+            if len(parts) == 8 and not parts[7]:
+                _, h1, a1, h2, a2, h3, a3, _ = parts
+                n1, n2, n3 = len(a1), len(a2), len(a3)
+                lens = _LENGTHS
+                if n1 + n2 + n3 < self._small3 and (
+                    h1 == lens[n1] and h2 == lens[n2] and h3 == lens[n3]
+                ):
+                    self._pos = len(buf)
+                    return [[a1, a2, a3]]
         out: list[list[bytes]] = []
         try:
             while True:
@@ -154,12 +176,8 @@ class CommandParser:
         last = len(parts) - 1  # parts[last] is not followed by CR LF: incomplete
         i = 0
         heads, lens = _HEADS, _LENGTHS
-        max_args, max_bulk = self.max_args, self.max_bulk
-        max_request = self.max_request if self.max_request is not None else 1 << 62
-        small = min(max_bulk, max_request, len(lens) - 1)
-        # a three-argument command's framing is at most 31 bytes ("*3", three
-        # "$4096" headers, CR LFs): arguments under this fit max_request too
-        small3 = min(small, max_request - 31)
+        max_args, max_request = self.max_args, self._limit
+        small, small3 = self._small, self._small3
         while i < last:
             count = heads.get(parts[i])
             if count is None or count > max_args:
