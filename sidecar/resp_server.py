@@ -384,6 +384,8 @@ class WorkerLoop:
         sweep_every = min(1.0, self.idle_timeout / 4) if self.idle_timeout > 0 else 1.0
         next_sweep = time.monotonic() + sweep_every
         batch: list[tuple[_Conn, list[list[bytes]]]] = []
+        readable, writable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR, select.EPOLLOUT
+        read = self._read
         try:
             while not self.stopping:
                 wake = next_sweep if self._resume_accept is None else self._resume_accept
@@ -391,10 +393,10 @@ class WorkerLoop:
                 for fd, ev in events:
                     conn = conns.get(fd)
                     if conn is not None:
-                        if ev & select.EPOLLOUT:
+                        if ev & writable:
                             self._flush(fd, conn)
-                        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                            self._read(fd, conn, batch)
+                        if ev & readable:
+                            read(fd, conn, batch)
                     elif fd == lfd:
                         self._accept()
                     elif fd == self.status_fd:
