@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import itertools
 import json
 import math
 import re
@@ -293,7 +294,7 @@ class _RenderCache:
         if self.limit:
             if len(self.entries) >= self.limit:
                 # evict the oldest eighth (dicts keep insertion order)
-                for old in list(self.entries)[: max(1, self.limit // 8)]:
+                for old in list(itertools.islice(self.entries, max(1, self.limit // 8))):
                     del self.entries[old]
             self.entries[raw] = out
 

@@ -598,6 +598,20 @@ def test_pipelined_hgets_read_their_own_view(world: World) -> None:
     assert again == b"".join(world.wire(c) for c in commands)
 
 
+def test_the_render_cache_is_bounded_and_evicts_the_oldest() -> None:
+    from sidecar.resp_commands import _RenderCache
+
+    cache = _RenderCache(16)
+    for i in range(40):
+        cache.store(b"raw%d" % i, b"out%d" % i)
+        assert len(cache.entries) <= 16
+    assert b"raw39" in cache.entries and b"raw0" not in cache.entries
+    assert list(cache.entries) == sorted(cache.entries, key=lambda k: int(k[3:]))  # oldest first
+    off = _RenderCache(0)
+    off.store(b"raw", b"out")
+    assert off.entries == {}
+
+
 RENDER_SCHEMA = Schema(
     1,
     (
