@@ -301,12 +301,26 @@ class Snapshot:
         """For many lookups in one dataset (a server answering a pipeline):
         ``get(key)``, the stored bytes or None when the key is absent, with
         the codec that decodes them and the version they belong to; None
-        while the dataset has no version. Staleness is checked here, once
-        (StaleDataError when stale data is refused)."""
+        while the dataset has no version. As with :meth:`lookup`, a key
+        found in a dataset whose stale data is refused raises
+        StaleDataError, an absent one is None (staleness is checked here,
+        once; only a refusing reader pays for a check per key)."""
         ds = self._dataset(dataset)
         if ds.codec is None or ds.cursor is None:
             return None
-        self._reader._is_stale(ds)
+        reader = self._reader
+        try:
+            reader._is_stale(ds)
+        except StaleDataError:
+            txn_get, db = self._txn.get, ds.db
+
+            def refusing(key: bytes) -> bytes | None:
+                raw: bytes | None = txn_get(key, db=db)
+                if raw is not None:
+                    reader._is_stale(ds)  # raises, unless a sync came meanwhile
+                return raw
+
+            return refusing, ds.codec, ds.cursor
         return functools.partial(self._txn.get, db=ds.db), ds.codec, ds.cursor
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:

@@ -140,7 +140,7 @@ class CommandParser:
             # the usual request: one canonical three-argument command
             # (HGET d k) alone in the buffer, taken without the loops below
             parts = bytes(buf).split(b"\r\n")
-            if len(parts) == 8 and not parts[7]:
+            if len(parts) == 8 and not parts[7] and parts[0] == b"*3":
                 _, h1, a1, h2, a2, h3, a3, _ = parts
                 n1, n2, n3 = len(a1), len(a2), len(a3)
                 lens = _LENGTHS

@@ -537,7 +537,6 @@ class Dispatcher:
         names = self._names
         repliers: dict[str, Callable[[bytes], bytes | None]] | None = None
         nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"
-        fast = 0
         for args in commands:
             # the hot path, HGET of a known dataset, kept flat: one replier
             # per dataset and view answers every key (its lookup and cache)
@@ -553,7 +552,7 @@ class Dispatcher:
                     except Exception:  # the general path reports it
                         pass
                     else:
-                        fast += 1
+                        self.commands_processed += 1  # INFO later in the batch counts it
                         append(nil if bulk is None else bulk)
                         continue
             reply = self.execute(args, view, session)
@@ -563,7 +562,7 @@ class Dispatcher:
                 append(encode(reply, session.protocol))
             if session.closing:
                 break
-        self.commands_processed += fast
+            nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"  # HELLO may change it
         return b"".join(out)
 
     def execute(self, args: list[bytes], view: Callable[[], ReadView], session: Session) -> Reply:

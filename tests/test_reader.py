@@ -149,9 +149,12 @@ def test_staleness_flag_and_refusal(setup: Setup, tmp_path: Path) -> None:
     with (
         Reader.over(setup.mirror, max_staleness=5.0, refuse_stale=True, clock=lambda: now[0]) as r,
         r.snapshot() as snap,
-        pytest.raises(StaleDataError),
     ):
-        snap.fetcher("up")
+        fetched = snap.fetcher("up")  # as lookup: absent is None, present refused
+        assert fetched is not None
+        assert fetched[0](b"missing") is None and snap.lookup("up", b"missing") is None
+        with pytest.raises(StaleDataError):
+            fetched[0](b"u001")
     with Reader.over(setup.mirror, max_staleness=1e12) as reader:
         rec = reader.get("up", b"u001")
         assert rec is not None and not rec.stale

@@ -598,6 +598,46 @@ def test_pipelined_hgets_read_their_own_view(world: World) -> None:
     assert again == b"".join(world.wire(c) for c in commands)
 
 
+def test_hello_inside_a_pipeline_changes_the_nil_of_later_hgets(world: World) -> None:
+    miss = [b"HGET", b"up", b"missing"]
+    assert world.wire([b"HELLO", b"3"], miss, session=Session(id=5)).endswith(b"\r\n_\r\n")
+    resp3 = Session(id=6, protocol=3)
+    assert world.wire([b"HELLO", b"2"], miss, session=resp3).endswith(b"\r\n$-1\r\n")
+
+
+def test_info_in_a_pipeline_counts_the_hgets_before_it(world: World) -> None:
+    counted = world.dispatcher
+    counted._stats = lambda: {"total_commands_processed": counted.commands_processed}
+    before = counted.commands_processed
+    wire = world.wire(*([[b"HGET", b"up", b"u002"]] * 3), [b"INFO", b"stats"])
+    assert b"total_commands_processed:%d\r\n" % (before + 4) in wire
+
+
+def test_refused_stale_data_is_an_error_and_an_absent_key_nil(world: World) -> None:
+    """With stale data refused, HGET of a present key is an error reply and
+    of an absent key nil, whether pipelined (the replier) or not."""
+    world.reader.close()
+    world.reader = Reader.over(
+        world.mirror, max_staleness=5.0, refuse_stale=True, clock=lambda: 1e12
+    )
+    assert world.wire([b"HGET", b"up", b"missing"]) == b"$-1\r\n"
+    assert world.run("HGET", "up", "missing") is None
+    assert err(world.run("HGET", "up", "u001")).startswith(
+        "ERR internal error: dataset last synced"
+    )
+    wire = world.wire([b"HGET", b"up", b"missing"], [b"HGET", b"up", b"u001"])
+    assert wire.startswith(b"$-1\r\n-ERR internal error: dataset last synced")
+
+
+@pytest.mark.parametrize(
+    "head", [b"*3\rGARBAGE", b"*3\r" + b"x" * 5000, b"*3\r\x00\x01", b"*3x", b"*30"]
+)
+def test_a_lone_command_with_a_bad_header_fails_as_in_the_exact_parser(head: bytes) -> None:
+    data = head + b"\r\n$4\r\nHGET\r\n$2\r\nup\r\n$4\r\nu001\r\n"
+    for limits in ({}, {"max_request": 1024}):
+        assert _fast(data, 1, **limits) == _exact(data, **limits), (head, limits)
+
+
 def test_the_render_cache_is_bounded_and_evicts_the_oldest() -> None:
     from sidecar.resp_commands import _RenderCache
 
