@@ -577,6 +577,9 @@ def test_sigterm_mid_apply_exits_0_and_leaves_a_whole_version(tmp_path: Path) ->
             st = run.wait_until(lambda s: bool(s["ready"]), timeout=30)["datasets"]["big"]
             assert st["version"] == v1 and st["digest_mismatches"] == 0, st
             assert assert_whole_version(mirror, "big") == v1
+            # the leaf index is built after the load in the apply thread:
+            # let it finish, or it would pass for the diff's apply below
+            run.wait_until(lambda s: bool(s["datasets"]["big"]["leaf_index_complete"]), timeout=60)
 
             # 2. SIGTERM while the 200,000-record diff is being applied: the
             #    apply finishes and commits, then the process exits
