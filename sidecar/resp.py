@@ -178,29 +178,35 @@ class CommandParser:
         heads, lens = _HEADS, _LENGTHS
         max_args, max_request = self.max_args, self._limit
         small, small3 = self._small, self._small3
+        append = out.append
         while i < last:
-            count = heads.get(parts[i])
+            head = parts[i]
+            if head == b"*3":  # HGET, HEXISTS, ...: unrolled (small3 < 0 if max_args < 3)
+                end = i + 7
+                if end > last:
+                    break
+                h1, a1, h2, a2, h3, a3 = parts[i + 1 : end]
+                n1, n2, n3 = len(a1), len(a2), len(a3)
+                if n1 + n2 + n3 >= small3 or h1 != lens[n1] or h2 != lens[n2] or h3 != lens[n3]:
+                    break
+                append([a1, a2, a3])
+                i = end
+                continue
+            count = heads.get(head)
             if count is None or count > max_args:
                 break
             end = i + 1 + 2 * count
             if end > last:
                 break
-            if count == 3:  # HGET, HEXISTS, ...: unrolled
-                h1, a1, h2, a2, h3, a3 = parts[i + 1 : end]
-                n1, n2, n3 = len(a1), len(a2), len(a3)
-                if n1 + n2 + n3 >= small3 or h1 != lens[n1] or h2 != lens[n2] or h3 != lens[n3]:
-                    break
-                out.append([a1, a2, a3])
-            else:
-                args = parts[i + 2 : end : 2]
-                size = sum(map(len, args))
-                if (
-                    size >= small
-                    or parts[i + 1 : end : 2] != [lens[len(a)] for a in args]
-                    or sum(map(len, parts[i:end])) + 2 * (end - i) > max_request
-                ):
-                    break
-                out.append(args)
+            args = parts[i + 2 : end : 2]
+            size = sum(map(len, args))
+            if (
+                size >= small
+                or parts[i + 1 : end : 2] != [lens[len(a)] for a in args]
+                or sum(map(len, parts[i:end])) + 2 * (end - i) > max_request
+            ):
+                break
+            append(args)
             i = end
         if i:
             self._pos += sum(map(len, parts[:i])) + 2 * i

@@ -536,7 +536,10 @@ class Dispatcher:
         append = out.append
         names = self._names
         repliers: dict[str, Callable[[bytes], bytes | None]] | None = None
+        last: str | None = None  # the dataset `replier` answers for
+        replier: Callable[[bytes], bytes | None] = _absent
         nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"
+        fast = 0
         for args in commands:
             # the hot path, HGET of a known dataset, kept flat: one replier
             # per dataset and view answers every key (its lookup and cache)
@@ -545,16 +548,20 @@ class Dispatcher:
                 key = args[2]
                 if dataset is not None and 0 < len(key) <= MAX_KEY_BYTES:
                     try:
-                        if repliers is None:
-                            repliers = self._repliers_of(view())
-                        replier = repliers.get(dataset) or self._replier(view(), dataset)
+                        if dataset is not last:
+                            if repliers is None:
+                                repliers = self._repliers_of(view())
+                            replier = repliers.get(dataset) or self._replier(view(), dataset)
+                            last = dataset
                         bulk = replier(key)
                     except Exception:  # the general path reports it
                         pass
                     else:
-                        self.commands_processed += 1  # INFO later in the batch counts it
+                        fast += 1
                         append(nil if bulk is None else bulk)
                         continue
+            self.commands_processed += fast  # an INFO here counts the HGETs before it
+            fast = 0
             reply = self.execute(args, view, session)
             if type(reply) is bytes:
                 append(b"$%d\r\n%b\r\n" % (len(reply), reply))
@@ -563,6 +570,7 @@ class Dispatcher:
             if session.closing:
                 break
             nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"  # HELLO may change it
+        self.commands_processed += fast
         return b"".join(out)
 
     def execute(self, args: list[bytes], view: Callable[[], ReadView], session: Session) -> Reply:
