@@ -135,25 +135,13 @@ class CommandParser:
         """
         if self._error is not None:
             raise self._error
-        buf = self._buf
-        if self._pos == 0 and len(buf) > 2 and buf[0] == 42 and buf[1] == 51 and buf[2] == 13:
-            # the usual request: one canonical three-argument command
-            # (HGET d k) alone in the buffer, taken without the loops below
-            parts = bytes(buf).split(b"\r\n")
-            if len(parts) == 8 and not parts[7] and parts[0] == b"*3":
-                _, h1, a1, h2, a2, h3, a3, _ = parts
-                n1, n2, n3 = len(a1), len(a2), len(a3)
-                lens = _LENGTHS
-                if n1 + n2 + n3 < self._small3 and (
-                    h1 == lens[n1] and h2 == lens[n2] and h3 == lens[n3]
-                ):
-                    self._pos = len(buf)
-                    return [[a1, a2, a3]]
         out: list[list[bytes]] = []
         try:
             while True:
                 if self._pos < len(self._buf) and self._buf[self._pos] == 42:  # "*"
                     self._fast(out)
+                    if self._pos == len(self._buf):
+                        break  # all taken (the usual case): nothing for the exact parser
                 cmd = self._parse()
                 if cmd is None:
                     break
@@ -172,7 +160,8 @@ class CommandParser:
         stop, leaving the rest to the exact parser, at the first thing that is
         not one, or that breaks a limit. A command accepted here is the only
         parse of those bytes."""
-        parts = bytes(self._buf[self._pos :]).split(b"\r\n")
+        pos = self._pos
+        parts = (bytes(self._buf[pos:]) if pos else bytes(self._buf)).split(b"\r\n")
         last = len(parts) - 1  # parts[last] is not followed by CR LF: incomplete
         i = 0
         heads, lens = _HEADS, _LENGTHS
@@ -208,7 +197,9 @@ class CommandParser:
                 break
             append(args)
             i = end
-        if i:
+        if i == last and not parts[last]:
+            self._pos = len(self._buf)  # every byte taken
+        elif i:
             self._pos += sum(map(len, parts[:i])) + 2 * i
 
     def _line(self, start: int, limit: int) -> tuple[bytes, int] | None:
