@@ -288,23 +288,16 @@ class Snapshot:
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
         return self._reader._get_many(self._txn, self._dataset(dataset), keys)
 
-    def lookup(self, dataset: str, key: bytes) -> tuple[bytes, DatasetCodec, Cursor] | None:
-        """What :meth:`get` would wrap in a :class:`Record`: the stored bytes,
-        the codec that decodes them and the version they belong to; None
-        when the key is absent (for a server that renders many records)."""
-        found = self._reader._lookup(self._txn, self._dataset(dataset), key)
-        return None if found is None else found[:3]
-
     def fetcher(
         self, dataset: str
     ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None:
         """For many lookups in one dataset (a server answering a pipeline):
         ``get(key)``, the stored bytes or None when the key is absent, with
         the codec that decodes them and the version they belong to; None
-        while the dataset has no version. As with :meth:`lookup`, a key
-        found in a dataset whose stale data is refused raises
-        StaleDataError, an absent one is None (staleness is checked here,
-        once; only a refusing reader pays for a check per key)."""
+        while the dataset has no version. As with :meth:`get`, a key found
+        in a dataset whose stale data is refused raises StaleDataError, an
+        absent one is None (staleness is checked here, once; only a refusing
+        reader pays for a check per key)."""
         ds = self._dataset(dataset)
         if ds.codec is None or ds.cursor is None:
             return None
@@ -588,21 +581,10 @@ class Reader:
         return stale
 
     def _get(self, txn: Any, ds: _Dataset, key: bytes) -> Record | None:
-        found = self._lookup(txn, ds, key)
-        if found is None:
-            return None
-        raw, codec, cursor, stale = found
-        return Record(codec, raw, cursor, stale)
-
-    def _lookup(
-        self, txn: Any, ds: _Dataset, key: bytes
-    ) -> tuple[bytes, DatasetCodec, Cursor, bool] | None:
-        """The stored bytes at ``key``, their codec, cursor and staleness
-        (StaleDataError when stale data is refused); None when absent."""
         raw = txn.get(key, db=ds.db)
         if raw is None or ds.codec is None or ds.cursor is None:
             return None
-        return raw, ds.codec, ds.cursor, self._is_stale(ds)
+        return Record(ds.codec, raw, ds.cursor, self._is_stale(ds))
 
     def _get_many(self, txn: Any, ds: _Dataset, keys: Iterable[bytes]) -> list[Record | None]:
         codec, cursor = ds.codec, ds.cursor

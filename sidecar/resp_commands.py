@@ -81,8 +81,6 @@ class ReadView(Protocol):
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]: ...
 
-    def lookup(self, dataset: str, key: bytes) -> tuple[bytes, DatasetCodec, Cursor] | None: ...
-
     def fetcher(
         self, dataset: str
     ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None: ...
@@ -236,10 +234,6 @@ def to_json(value: Any) -> bytes:
         return _ENCODER.encode(_finite(value)).encode()
 
 
-def _null_count(text: str) -> int:
-    return text.count("null")
-
-
 class _Renderer:
     """A typed record's JSON, as :func:`to_json` of its decoded dict gives it,
     by the fastest way that gives the same: orjson on the decoded dict, then
@@ -252,7 +246,7 @@ class _Renderer:
     def __init__(self, codec: DatasetCodec) -> None:
         self.decode = codec.decode
         # "null" inside field names, which every rendering holds
-        self.key_nulls = sum(_null_count(name) for name in codec.field_names)
+        self.key_nulls = sum(name.count("null") for name in codec.field_names)
 
     def __call__(self, raw: bytes) -> bytes:
         value = self.decode(raw)
@@ -535,7 +529,6 @@ class Dispatcher:
         out: list[bytes] = []
         append = out.append
         names = self._names
-        repliers: dict[str, Callable[[bytes], bytes | None]] | None = None
         last: str | None = None  # the dataset `replier` answers for
         replier: Callable[[bytes], bytes | None] = _absent
         nil = b"_\r\n" if session.protocol == 3 else b"$-1\r\n"
@@ -549,9 +542,7 @@ class Dispatcher:
                 if dataset is not None and 0 < len(key) <= MAX_KEY_BYTES:
                     try:
                         if dataset is not last:
-                            if repliers is None:
-                                repliers = self._repliers_of(view())
-                            replier = repliers.get(dataset) or self._replier(view(), dataset)
+                            replier = self._replier(view(), dataset)
                             last = dataset
                         bulk = replier(key)
                     except Exception:  # the general path reports it
@@ -616,19 +607,15 @@ class Dispatcher:
             self._names[arg] = name
         return name
 
-    def _repliers_of(self, v: ReadView) -> dict[str, Callable[[bytes], bytes | None]]:
-        """The repliers made in view ``v`` (a new view starts with none)."""
-        if v is not self._replier_view:
-            self._repliers.clear()
-            self._replier_view = v
-        return self._repliers
-
     def _replier(self, v: ReadView, dataset: str) -> Callable[[bytes], bytes | None]:
-        """``dataset``'s replier in view ``v``: key -> HGET's encoded bulk
-        reply (the record's JSON, or an opaque value), or None when the key
-        is absent. UnknownDatasetError for a dataset the mirror does not
-        hold; StaleDataError when stale data is refused."""
-        repliers = self._repliers_of(v)
+        """``dataset``'s replier in view ``v`` (made once per view): key ->
+        HGET's encoded bulk reply (the record's JSON, or an opaque value),
+        or None when the key is absent. UnknownDatasetError for a dataset
+        the mirror does not hold; StaleDataError when stale data is refused."""
+        repliers = self._repliers
+        if v is not self._replier_view:  # a new view starts with none
+            repliers.clear()
+            self._replier_view = v
         replier = repliers.get(dataset)
         if replier is not None:
             return replier

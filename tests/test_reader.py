@@ -98,19 +98,14 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
             assert snap.count("up") == 200
             assert snap.keys("up", b"u19", limit=3) == [b"u190", b"u191", b"u192"]
             assert snap.version("up") == rec.cursor
-            found = snap.lookup("up", b"u007")  # what get wraps in a Record
-            assert found is not None
-            stored, codec, cursor = found
-            assert (bytes(stored), cursor) == (rec.raw, rec.cursor)
-            assert codec.decode(stored) == rec.to_dict()
-            assert snap.lookup("up", b"missing") is None
-            with pytest.raises(UnknownDatasetError):
-                snap.lookup("nope", b"x")
-            fetched = snap.fetcher("up")  # lookup's parts, once for many keys
+            fetched = snap.fetcher("up")  # get's parts, once for many keys
             assert fetched is not None
             get, codec, cursor = fetched
-            assert (get(b"u007"), get(b"missing"), cursor) == (stored, None, rec.cursor)
-            assert codec is found[1]
+            stored = get(b"u007")
+            assert stored is not None
+            assert (bytes(stored), cursor) == (rec.raw, rec.cursor)
+            assert codec.decode(stored) == rec.to_dict()
+            assert get(b"missing") is None
             with pytest.raises(UnknownDatasetError):
                 snap.fetcher("nope")
         with pytest.raises(UnknownDatasetError):
@@ -152,7 +147,7 @@ def test_staleness_flag_and_refusal(setup: Setup, tmp_path: Path) -> None:
     ):
         fetched = snap.fetcher("up")  # as lookup: absent is None, present refused
         assert fetched is not None
-        assert fetched[0](b"missing") is None and snap.lookup("up", b"missing") is None
+        assert fetched[0](b"missing") is None and snap.get("up", b"missing") is None
         with pytest.raises(StaleDataError):
             fetched[0](b"u001")
     with Reader.over(setup.mirror, max_staleness=1e12) as reader:
