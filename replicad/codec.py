@@ -1251,7 +1251,7 @@ class DatasetCodec:
         self._index = {name: i for i, name in enumerate(self._names)}
         ns = _Generator(self._schemas, self._dictionary, max_value_bytes, self._compress).build()
         ns["payload_of"] = self._typed_payload
-        ns["inflate"] = self._inflate
+        ns["inflate"] = self.inflate
         self.encode = ns["encode"]
         self.decode = ns["decode"]
         self.decode_values = ns["decode_values"]
@@ -1366,7 +1366,7 @@ class DatasetCodec:
         """The msgpack payload of a typed value whose header is not 0x10."""
         head = data[0]
         if head == HEADER_TYPED_SNAPPY:
-            return self._inflate(data)
+            return self.inflate(data)
         if head in (HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY):
             raise CorruptRecordError("an opaque value where a typed record was expected")
         raise CorruptRecordError(f"unknown value header {head!r}")
@@ -1404,14 +1404,17 @@ class DatasetCodec:
         if head == HEADER_OPAQUE:
             return bytes(data[1:])
         if head == HEADER_OPAQUE_SNAPPY:
-            return bytes(self._inflate(data))
+            return bytes(self.inflate(data))
         if head in (HEADER_TYPED, HEADER_TYPED_SNAPPY, HEADER_FIXED, HEADER_FIXED_SNAPPY):
             raise CorruptRecordError("a typed record where an opaque value was expected")
         raise CorruptRecordError(f"unknown value header {head!r}")
 
-    def _inflate(self, data: bytes | bytearray | memoryview) -> Any:
-        """Decompress the raw Snappy block after the header, bounded by
-        ``max_value_bytes`` before anything is allocated."""
+    def inflate(self, data: bytes | bytearray | memoryview) -> Any:
+        """Decompress the raw Snappy block after the header byte, bounded by
+        ``max_value_bytes`` before anything is allocated; checked against
+        the length the block claims. Returns a bytes-like buffer (cramjam's,
+        not copied into ``bytes``: ``%b`` formatting, ``bytes()`` and
+        ``len()`` take it). Raises :class:`CorruptRecordError`."""
         claimed = _snappy_length(data)
         if claimed < 0:
             raise CorruptRecordError("bad Snappy length prefix")

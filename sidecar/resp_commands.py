@@ -628,7 +628,7 @@ class Dispatcher:
         if cache is None:
             cache = self._caches[dataset] = _RenderCache(self._cache_entries)
         render = cache.validate(codec, cursor.epoch)
-        entries, store, decode_opaque = cache.entries, cache.store, codec.decode_opaque
+        entries, store, inflate = cache.entries, cache.store, codec.inflate
 
         def reply(key: bytes) -> bytes | None:
             raw = get(key)
@@ -637,8 +637,8 @@ class Dispatcher:
             header = raw[0]
             if header == 0x12:  # opaque, stored as is (docs/FORMAT.md)
                 return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])
-            if header == 0x13:  # opaque, compressed
-                value = decode_opaque(raw)
+            if header == 0x13:  # opaque, compressed (formatted from cramjam's buffer)
+                value = inflate(raw)
                 return b"$%d\r\n%b\r\n" % (len(value), value)
             out = entries.get(raw)
             if out is None:

@@ -189,6 +189,24 @@ def test_hget_typed_opaque_and_misses(world: World) -> None:
     assert err(world.run("HGET", "up", "a", "b")).startswith("ERR wrong number of arguments")
 
 
+def test_a_corrupt_compressed_value_is_an_error_that_says_so(world: World) -> None:
+    env = world.mirror.env
+    with env.begin(write=True) as txn:
+        for slot in (b"d/blobs/0", b"d/blobs/1"):  # the two generations' tables
+            db = env.open_db(slot, txn=txn, create=False)
+            if txn.get(b"big", db=db) is not None:
+                # claims 5,000 bytes; the block holds one literal of 3
+                txn.put(b"big", b"\x13\x88\x27\x08abc", db=db)
+                txn.put(b"b1", b"\x13\x03\x08abc", db=db)  # a valid block
+    bad = err(world.run("HGET", "blobs", "big"))
+    assert bad.startswith("ERR internal error: bad Snappy block: ")
+    assert "expected 5000 decompressed bytes but got 3" in bad
+    pipelined = world.wire(
+        [b"HGET", b"blobs", b"b1"], [b"HGET", b"blobs", b"big"], [b"HGET", b"blobs", b"b2"]
+    )
+    assert pipelined == b"$3\r\nabc\r\n-" + bad.encode() + b"\r\n$2\r\n\x00\xff\r\n"
+
+
 def test_json_of_bytes_nan_infinity_unicode_and_lists(world: World) -> None:
     nan = world.run("HGET", "odd", "nan")
     assert isinstance(nan, bytes)
