@@ -12,7 +12,8 @@ asks for. The anchor holds, in one hash per dataset, exactly the bytes our
 ``HGET`` answers: each record's JSON (about 500 bytes).
 
 * **Throughput**: ``redis-benchmark -s SOCKET -c 50 -n N [-P 16] -q`` of
-  the same command against both servers, alternating, median of 3 runs
+  the same command against both servers (N 50,000, with ``-P 16``
+  800,000), alternating, median of 3 runs
   (``--quick``: 1). Three commands: ``HGET user_profile`` of one hot key
   (the sidecar serves it from its render cache: the protocol path alone),
   of random keys over the whole dataset (almost every read decodes the
@@ -242,7 +243,9 @@ def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
     runs = 1 if quick else 3
     out: list[Row] = []
     for pipeline in (1, 16):
-        requests = (10_000 if quick else 50_000) * (4 if pipeline > 1 else 1)
+        # -P 16: 800,000 requests, about a second or more for both servers
+        # (200,000 took redis-server 0.2-0.3 s: too short a run to be steady)
+        requests = (10_000 if quick else 50_000) * (16 if pipeline > 1 else 1)
         for case in cases:
             ours: list[float] = []
             anchor: list[float] = []
