@@ -29,8 +29,8 @@ asks for. The anchor holds, in one hash per dataset, exactly the bytes our
   the mirror holds its version (``Reader.wait_for``, as an app reads its
   own writes; the sidecar pulls the diff and applies it meanwhile). A
   second probe does the same against redis-server at the same time: how
-  much the machine
-  itself (2 shared cores here) degrades a read's tail while the sync works.
+  much the machine itself (2 shared cores here) degrades a read's tail
+  while the sync works.
   Median of 3 rounds (``--quick``: 1).
 
 Without ``redis-server`` or ``redis-benchmark`` the throughput rows are
