@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from replicad.codec import DatasetCodec
+from replicad.codec import HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY, DatasetCodec
 from replicad.errors import ReplicadError, UnknownDatasetError
 from replicad.messages import Cursor
 from replicad.origin_types import DATASET_NAME
@@ -68,7 +68,7 @@ keys (one short read transaction)."""
 REDIS_VERSION = "7.0.0"
 """The Redis version reported to clients (HELLO, INFO): the command set and
 reply shapes follow Redis 7."""
-_OPAQUE_HEADERS = (0x12, 0x13)
+_OPAQUE_HEADERS = (HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY)
 """Value header bytes of opaque records (docs/FORMAT.md)."""
 
 
@@ -635,9 +635,9 @@ class Dispatcher:
             if raw is None:
                 return None
             header = raw[0]
-            if header == 0x12:  # opaque, stored as is (docs/FORMAT.md)
+            if header == HEADER_OPAQUE:  # stored as is (docs/FORMAT.md)
                 return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])
-            if header == 0x13:  # opaque, compressed (formatted from cramjam's buffer)
+            if header == HEADER_OPAQUE_SNAPPY:  # formatted from cramjam's buffer
                 value = inflate(raw)
                 return b"$%d\r\n%b\r\n" % (len(value), value)
             out = entries.get(raw)
