@@ -134,11 +134,11 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
             span = range(s, min(n, s + LOAD_BATCH))
             _post(client, TYPED, {_key(i): seed_like_record(i) for i in span})
             _post(client, OPAQUE, {_key(i): _json(i, codec) for i in span})
-    sock = tmp / "sidecar.sock"
+    sock, mirror = tmp / "sidecar.sock", tmp / "mirror"
     hport = free_port()
     sidecar_cmd = [
         sys.executable, "-m", "sidecar", "run", "--origin", url,
-        "--datasets", f"{TYPED},{OPAQUE}", "--data", str(tmp / "mirror"),
+        "--datasets", f"{TYPED},{OPAQUE}", "--data", str(mirror),
         "--health", f"127.0.0.1:{hport}", "--socket", str(sock), "--log-format", "json",
     ]  # fmt: skip
     sidecar = Proc(sidecar_cmd, tmp / "sidecar.log")
@@ -157,7 +157,7 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
         stack.callback(redis_proc.stop)
         wait("redis-server", redis_proc, _pings(redis_sock), 30)
         _load_redis(redis_sock, n, codec)
-    return _Setup(url, health, sock, redis_sock, tmp / "mirror")
+    return _Setup(url, health, sock, redis_sock, mirror)
 
 
 def _post(client: httpx.Client, dataset: str, upserts: dict[bytes, Any]) -> int:
