@@ -28,6 +28,7 @@ Example ``sidecar.toml``::
     socket_slice_us = 100                      # scheduler time slice they ask for (0: default)
     socket_max_clients = 10000
     socket_idle_timeout = 0                    # seconds; 0 = never close idle clients
+    socket_view_max_age = 0.05                 # seconds a worker keeps a read snapshot
     socket_max_request_bytes = 4194304
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
@@ -99,6 +100,10 @@ class SidecarConfig:
     socket_max_clients: int = 10_000
     socket_idle_timeout: float = 0.0
     socket_max_request_bytes: int = 4 << 20
+    socket_view_max_age: float = 0.05
+    """Seconds a socket worker keeps one read snapshot across requests while
+    the mirror commits nothing (it bounds how long an idle worker holds a
+    snapshot a later commit made old); 0: a new snapshot every turn."""
 
     def validate(self) -> SidecarConfig:
         if not self.datasets:
@@ -130,6 +135,8 @@ class SidecarConfig:
             raise ConfigError("socket_max_clients must be at least 1")
         if self.socket_idle_timeout < 0:
             raise ConfigError("socket_idle_timeout must be 0 (never) or positive")
+        if not 0 <= self.socket_view_max_age <= 10:
+            raise ConfigError("socket_view_max_age must be between 0 and 10 seconds")
         if self.socket_max_request_bytes < 1024:
             raise ConfigError("socket_max_request_bytes must be at least 1024")
         if not 0 <= self.socket_mode <= 0o777:
@@ -245,6 +252,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 | "ack_interval"
                 | "request_timeout"
                 | "socket_idle_timeout"
+                | "socket_view_max_age"
             ):
                 changes[key] = _float(key, value)
             case (

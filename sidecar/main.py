@@ -46,6 +46,7 @@ def socket_settings_of(config: SidecarConfig) -> SocketSettings | None:
         max_clients=config.socket_max_clients,
         idle_timeout=config.socket_idle_timeout,
         max_request_bytes=config.socket_max_request_bytes,
+        view_max_age=config.socket_view_max_age,
     )
 
 

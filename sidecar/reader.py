@@ -252,12 +252,35 @@ class Snapshot:
 
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
+        self._seen: dict[str, _Dataset] = {}
+        self._begin()
+
+    def _begin(self) -> None:
+        reader = self._reader
         self._cm = reader._txn_context()
         self._txn = self._cm.__enter__()
-        self._seen: dict[str, _Dataset] = {}
+        self._txnid: int = self._txn.id()
+        self._opened = (len(reader._dbs), reader._handles_gen)
 
     def _close(self) -> None:
         self._cm.__exit__(None, None, None)
+
+    def is_current(self) -> bool:
+        """Whether a snapshot begun now would read what this one reads:
+        nothing committed since it began and no dataset handles opened since
+        (a server that keeps one snapshot across requests renews it when
+        this turns False). Always False for a reader that cannot see the
+        mirror's last commit cheaply (see docs/FORMAT.md)."""
+        reader = self._reader
+        words = reader._words if reader._pages is not None else None
+        if words is None:
+            return False
+        txnid = self._txnid
+        return (
+            words[reader._first] <= txnid
+            and words[reader._second] <= txnid
+            and self._opened == (len(reader._dbs), reader._handles_gen)
+        )
 
     def _dataset(self, name: str) -> _Dataset:
         ds = self._seen.get(name)
@@ -273,8 +296,7 @@ class Snapshot:
                         f"dataset {name!r} appeared after this snapshot began; take a new one"
                     ) from None
                 self._close()
-                self._cm = self._reader._txn_context()
-                self._txn = self._cm.__enter__()
+                self._begin()
                 ds = self._reader._resolve(self._txn, name)
             self._seen[name] = ds
         return ds

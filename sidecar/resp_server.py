@@ -13,8 +13,10 @@ loop, so applying a large diff does not stall reads -- and runs a plain
 epoll loop: accept, read, parse (:class:`sidecar.resp.CommandParser`), run
 (:class:`sidecar.resp_commands.Dispatcher`), write. All the commands that
 arrive in one turn of the loop, from every ready connection, run in one
-read transaction, opened only if some command reads. The loop is a thin
-adapter: everything the protocol means is in the two sans-IO modules.
+read transaction, opened only if some command reads and kept for the next
+turns while nothing is committed, for at most ``VIEW_MAX_AGE`` (50 ms). The
+loop is a thin adapter: everything the protocol means is in the two sans-IO
+modules.
 
 Every worker watches the listening socket; the one with the fewest
 connections accepts a new one (the others look away for 2 ms, and take it
@@ -59,7 +61,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -83,6 +85,10 @@ RECV_BYTES = 256 << 10
 reusable buffer: ``recv(RECV_BYTES)`` would allocate that much per call,
 which glibc serves with mmap, mremap and munmap (10 us instead of 1) until
 its threshold happens to rise."""
+VIEW_MAX_AGE = 0.05
+"""Seconds a worker keeps one read snapshot across turns while nothing is
+committed (see :class:`_HeldView`)."""
+
 ACCEPT_BACKOFF = 0.002
 """Seconds a worker with more connections than another ignores the listener."""
 WORKER_START_TIMEOUT = 30.0
@@ -107,6 +113,9 @@ class SocketSettings:
     slice_us: int = 100
     """The time slice each worker asks Linux's scheduler for
     (:mod:`sidecar.sched`); 0 leaves the default."""
+    view_max_age: float = VIEW_MAX_AGE
+    """Seconds a worker keeps one read snapshot while nothing is committed
+    (:class:`_HeldView`); 0: a new one every turn."""
 
 
 # ------------------------------------------------------------------ the file
@@ -302,23 +311,71 @@ class _Conn:
         self.fault: RespError | None = None
 
 
-class _LazyView:
-    """The turn's read snapshot, begun on first use."""
+class _Snapshot(ReadView, Protocol):
+    """What a worker reads through (:class:`sidecar.reader.Snapshot`)."""
 
-    def __init__(self, begin: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    def is_current(self) -> bool: ...
+
+
+class _HeldView:
+    """The read snapshot a turn's commands run in: begun on first use, and
+    kept for later turns while it is current (nothing committed since it
+    began, :meth:`sidecar.reader.Snapshot.is_current`) and younger than
+    ``max_age`` seconds. Keeping it spares each turn a transaction and the
+    dispatcher's per-view setup (the datasets resolved, the repliers). The
+    age bound, with :meth:`expire`, caps how long an idle worker holds a
+    snapshot a later commit made old (pinning pages the writer could
+    reuse) and how late a staleness check of the reader would be."""
+
+    __slots__ = ("_begin", "_checked", "_clock", "_cm", "_snap", "deadline", "max_age")
+
+    def __init__(
+        self,
+        begin: Callable[[], contextlib.AbstractContextManager[_Snapshot]],
+        clock: Callable[[], float],
+        max_age: float,
+    ) -> None:
         self._begin = begin
-        self._cm: contextlib.AbstractContextManager[Any] | None = None
-        self._snap: ReadView | None = None
+        self._clock = clock
+        self.max_age = max_age
+        self._cm: contextlib.AbstractContextManager[_Snapshot] | None = None
+        self._snap: _Snapshot | None = None
+        self._checked = False  # validated for this turn
+        self.deadline: float | None = None
+        """When the held snapshot must be let go (None: none held)."""
 
     def __call__(self) -> ReadView:
-        if self._snap is None:
-            cm = self._begin()
-            self._snap = cm.__enter__()
-            self._cm = cm
-        return self._snap
+        snap = self._snap
+        if snap is not None:
+            if self._checked:
+                return snap
+            assert self.deadline is not None
+            if self._clock() < self.deadline and snap.is_current():
+                self._checked = True
+                return snap
+            self.end()
+        cm = self._begin()
+        self._snap = snap = cm.__enter__()
+        self._cm = cm
+        self._checked = True
+        self.deadline = self._clock() + self.max_age
+        return snap
+
+    def turn_over(self) -> None:
+        """The turn ended: the next one checks the snapshot before using it."""
+        self._checked = False
+        if self.max_age <= 0:
+            self.end()
+
+    def expire(self, now: float) -> None:
+        """Let the snapshot go if it is past its age."""
+        if self.deadline is not None and now >= self.deadline:
+            self.end()
 
     def end(self) -> None:
         cm, self._cm, self._snap = self._cm, None, None
+        self._checked = False
+        self.deadline = None
         if cm is not None:
             cm.__exit__(None, None, None)
 
@@ -330,7 +387,7 @@ class WorkerLoop:
         self,
         listener: socket.socket,
         dispatcher: Dispatcher,
-        begin: Callable[[], contextlib.AbstractContextManager[Any]],
+        begin: Callable[[], contextlib.AbstractContextManager[_Snapshot]],
         counters: SharedCounters,
         slot: int,
         *,
@@ -339,10 +396,11 @@ class WorkerLoop:
         max_request: int,
         status_fd: int | None,
         on_status: Callable[[SyncStatus], None],
+        view_max_age: float = VIEW_MAX_AGE,
     ) -> None:
         self.listener = listener
         self.dispatcher = dispatcher
-        self.view = _LazyView(begin)
+        self.view = _HeldView(begin, time.monotonic, view_max_age)
         self.counters = counters
         self.slot = slot
         self.max_clients = max_clients
@@ -386,9 +444,12 @@ class WorkerLoop:
         batch: list[tuple[_Conn, list[list[bytes]]]] = []
         readable, writable = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR, select.EPOLLOUT
         read = self._read
+        view = self.view
         try:
             while not self.stopping:
                 wake = next_sweep if self._resume_accept is None else self._resume_accept
+                if view.deadline is not None and view.deadline < wake:
+                    wake = view.deadline
                 events = ep.poll(max(0.0, wake - time.monotonic()))
                 for fd, ev in events:
                     conn = conns.get(fd)
@@ -408,6 +469,7 @@ class WorkerLoop:
                     self._execute(batch)
                     batch.clear()
                 now = time.monotonic()
+                view.expire(now)
                 if self._resume_accept is not None and now >= self._resume_accept:
                     self._resume_accept = None
                     ep.modify(lfd, select.EPOLLIN)
@@ -417,12 +479,14 @@ class WorkerLoop:
         finally:
             for fd in list(conns):
                 self._close(fd)
+            view.end()
             self._publish_commands()
             ep.close()
 
     def _execute(self, batch: list[tuple[_Conn, list[list[bytes]]]]) -> None:
         execute = self.dispatcher.execute_many
         view = self.view
+        ok = False
         try:
             for conn, commands in batch:
                 if conn.sock.fileno() < 0:
@@ -436,8 +500,12 @@ class WorkerLoop:
                     conn.closing = True
                     if not conn.out:
                         self._close(conn.sock.fileno())
+            ok = True
         finally:
-            view.end()
+            if ok:
+                view.turn_over()
+            else:
+                view.end()
         if self.dispatcher.commands_processed - self._counted >= 4096:
             self._publish_commands()
 
@@ -670,6 +738,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         max_request=int(spec["max_request_bytes"]),
         status_fd=0,
         on_status=on_status,
+        view_max_age=float(spec.get("view_max_age", VIEW_MAX_AGE)),
     )
     signal.signal(signal.SIGTERM, lambda *_: loop.stop() if loop is not None else None)
     # Ctrl-C in a terminal reaches the whole process group: the sidecar
@@ -798,6 +867,7 @@ class SocketService:
             "idle_timeout": s.idle_timeout,
             "max_request_bytes": s.max_request_bytes,
             "slice_us": s.slice_us,
+            "view_max_age": s.view_max_age,
             "log_format": self.log_format,
             "cache_entries": self.cache_entries,
             "facts": {k: v for k, v in asdict(facts).items() if k != "pid"},

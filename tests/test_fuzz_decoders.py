@@ -316,6 +316,7 @@ SIDECAR_NUMBERS = [
     "ack_interval",
     "request_timeout",
     "socket_idle_timeout",
+    "socket_view_max_age",
     "map_size_mb",
     "max_map_size_mb",
     "max_readers",

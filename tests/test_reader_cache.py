@@ -50,6 +50,21 @@ class ReaderProcess:
                     [t.start() for t in ts]
                     [t.join() for t in ts]
                     print(len(set(out)), out[0], flush=True)
+                elif cmd == "hold":
+                    held = r.snapshot()
+                    snap = held.__enter__()
+                    print(snap.version("up").version, flush=True)
+                elif cmd == "current":
+                    print(snap.is_current(), flush=True)
+                elif cmd == "open":
+                    try:
+                        snap.version(args[0])
+                        print("opened", flush=True)
+                    except Exception as exc:
+                        print(type(exc).__name__, flush=True)
+                elif cmd == "release":
+                    held.__exit__(None, None, None)
+                    print("released", flush=True)
                 elif cmd == "close":
                     r.close()
                     print("closed", flush=True)
@@ -143,6 +158,43 @@ def test_an_idle_reader_releases_its_snapshot(setup: Setup, tmp_path: Path) -> N
         assert reader.ask("close") == ["closed"]
     finally:
         reader.stop()
+
+
+def test_a_snapshot_knows_whether_it_is_current(setup: Setup, tmp_path: Path) -> None:
+    """What the socket workers keep their snapshot by: current until the
+    mirror commits or a dataset's handles are opened, never for a reader
+    that cannot read the last commit cheaply."""
+    reader = ReaderProcess(tmp_path / "mirror")
+    try:
+        first = int(reader.ask("hold")[0])
+        assert reader.ask("current") == ["True"]
+        assert reader.ask("current") == ["True"]  # reading does not change it
+        version = write(setup, b"u001", 3, 1.0)
+        assert reader.ask("current") == ["False"]
+        assert reader.ask("release") == ["released"]
+        assert int(reader.ask("hold")[0]) == version > first
+        assert reader.ask("current") == ["True"]
+        setup.mirror.ensure("late")  # a new dataset: a commit
+        assert reader.ask("current") == ["False"]
+        assert reader.ask("release") == ["released"]
+        reader.ask("hold")
+        assert reader.ask("current") == ["True"]
+        # the snapshot sees the dataset but began before this reader opened
+        # its handles: it cannot read it, and is no longer current
+        assert reader.ask("open late") == ["UnknownDatasetError"]
+        assert reader.ask("current") == ["False"]
+        assert reader.ask("release") == ["released"]
+        reader.ask("hold")
+        assert reader.ask("open late") == ["opened"]
+        assert reader.ask("current") == ["True"]
+    finally:
+        reader.stop()
+    uncached = ReaderProcess(tmp_path / "mirror", ", idle_release=0")
+    try:
+        uncached.ask("hold")
+        assert uncached.ask("current") == ["False"]
+    finally:
+        uncached.stop()
 
 
 def test_without_caching_every_read_begins_a_transaction(setup: Setup, tmp_path: Path) -> None:

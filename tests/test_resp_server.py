@@ -467,6 +467,128 @@ def test_hmget_is_consistent_while_diffs_apply(
     assert len(seen) >= 3 and reads > 10, (len(seen), reads)
 
 
+def _held_txnids(mirror: Path, pid: int) -> list[str]:
+    """The snapshots (transaction ids; "-": none) LMDB's reader table shows
+    for process ``pid``, read as ``mdb_stat -r`` would."""
+    import lmdb
+
+    env = lmdb.open(str(mirror), readonly=True, lock=True, max_dbs=1, create=False)
+    try:
+        rows = env.readers().splitlines()[1:]
+    finally:
+        env.close()
+    return [row.split()[2] for row in rows if row.split()[0] == str(pid)]
+
+
+def test_a_worker_keeps_its_snapshot_until_a_commit_or_its_age(env: Env, tmp_path: Path) -> None:
+    """A worker keeps one read snapshot across requests while nothing is
+    committed: a write is still seen at once (the commit ends it), and an
+    idle worker lets it go after ``socket_view_max_age``."""
+    assert env.client.post("/v1/datasets", json={"name": "held", "opaque": True}).is_success
+    write(env.client, "held", {b"k": b"1"})
+    path = Path(f"/tmp/sidecar-held-{os.getpid()}.sock")
+    extra = {
+        "SIDECAR_SOCKET": str(path),
+        "SIDECAR_SOCKET_WORKERS": "1",
+        "SIDECAR_SOCKET_VIEW_MAX_AGE": "3",
+    }
+    with SidecarProcess(tmp_path / "s", env.origin.base_url, ["held"], extra_env=extra) as sc:
+        sc.wait_ready()
+        wait_socket(path, sc)
+        c = Resp(path)
+        try:
+            info = c.call("INFO", "server").decode()
+            pid = int(next(x for x in info.splitlines() if x.startswith("process_id:"))[11:])
+            assert c.call("HGET", "held", "k") == b"1"
+            begun = time.monotonic()
+            # the reply is out and the worker still holds the snapshot
+            assert any(t != "-" for t in _held_txnids(tmp_path / "s" / "mirror", pid))
+            version = write(env.client, "held", {b"k": b"2"})
+            while c.call("HGET", "held", "k") != b"2":
+                assert time.monotonic() - begun < 2.5, "a kept snapshot hid a commit"
+                time.sleep(0.005)
+            assert version > 1
+            # idle: let go within its age (3 s) and a little
+            deadline = time.monotonic() + 3 + 3
+            while any(t != "-" for t in _held_txnids(tmp_path / "s" / "mirror", pid)):
+                assert time.monotonic() < deadline, "an idle worker kept its snapshot"
+                time.sleep(0.05)
+            assert c.call("HGET", "held", "k") == b"2"
+        finally:
+            c.close()
+
+
+class _FakeSnapshot:
+    def __init__(self, log: list[str], n: int) -> None:
+        self.log, self.n, self.current = log, n, True
+
+    def is_current(self) -> bool:
+        return self.current
+
+
+def test_the_held_view_in_one_worker_turn_after_another() -> None:
+    """The held view's rules, with a fake snapshot and clock: one snapshot
+    for a whole turn, kept for later turns while current and young, let go
+    when it is not, when it ages idle, and at once with ``max_age`` 0."""
+    from contextlib import contextmanager
+
+    from sidecar.resp_server import _HeldView
+
+    log: list[str] = []
+    now = [100.0]
+    made: list[_FakeSnapshot] = []
+
+    @contextmanager
+    def begin() -> Iterator[Any]:
+        snap = _FakeSnapshot(log, len(made))
+        made.append(snap)
+        log.append(f"begin {snap.n}")
+        yield snap
+        log.append(f"end {snap.n}")
+
+    view = _HeldView(begin, lambda: now[0], max_age=0.05)
+    first = view()
+    made[0].current = False  # a commit mid-turn: the turn keeps its snapshot
+    assert view() is first and log == ["begin 0"]
+    view.turn_over()
+    second = view()  # the next turn sees the commit
+    assert second is not first and log == ["begin 0", "end 0", "begin 1"]
+    view.turn_over()
+    now[0] += 0.04
+    assert view() is second  # current and young: kept
+    view.turn_over()
+    view.expire(now[0])
+    assert view.deadline == pytest.approx(100.05)
+    now[0] += 0.02
+    view.expire(now[0])  # aged while idle: let go
+    assert log[-1] == "end 1" and view.deadline is None
+    third = view()
+    view.turn_over()
+    now[0] += 0.06
+    assert view() is not third  # aged while busy: a new one on next use
+    view.end()
+    assert log[-2:] == ["begin 3", "end 3"]
+    strict = _HeldView(begin, lambda: now[0], max_age=0.0)
+    strict()
+    strict.turn_over()
+    assert log[-1] == "end 4" and strict.deadline is None
+
+
+def test_the_view_age_setting() -> None:
+    from replicad.errors import ConfigError
+    from sidecar.config import load
+    from sidecar.main import socket_settings_of
+
+    env = {"SIDECAR_DATASETS": "a", "SIDECAR_SOCKET": "/tmp/x.sock"}
+    settings = socket_settings_of(load(None, environ=env))
+    assert settings is not None and settings.view_max_age == 0.05
+    changed = load(None, environ={**env, "SIDECAR_SOCKET_VIEW_MAX_AGE": "0"})
+    assert changed.socket_view_max_age == 0.0
+    for bad in ("-1", "11", "nan"):
+        with pytest.raises(ConfigError, match="socket_view_max_age"):
+            load(None, environ={**env, "SIDECAR_SOCKET_VIEW_MAX_AGE": bad})
+
+
 # --------------------------------------------------------------------- limits
 
 
