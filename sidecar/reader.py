@@ -257,10 +257,12 @@ class Snapshot:
 
     def _begin(self) -> None:
         reader = self._reader
+        # before the transaction: handles another thread opens meanwhile
+        # make this snapshot not current rather than go unnoticed
+        self._opened = (len(reader._dbs), reader._handles_gen)
         self._cm = reader._txn_context()
         self._txn = self._cm.__enter__()
         self._txnid: int = self._txn.id()
-        self._opened = (len(reader._dbs), reader._handles_gen)
 
     def _close(self) -> None:
         self._cm.__exit__(None, None, None)

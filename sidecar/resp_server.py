@@ -362,9 +362,11 @@ class _HeldView:
         return snap
 
     def turn_over(self) -> None:
-        """The turn ended: the next one checks the snapshot before using it."""
+        """The turn ended: a snapshot that is no longer current (or cannot
+        be told to be) goes now; the next turn checks the one kept."""
         self._checked = False
-        if self.max_age <= 0:
+        snap = self._snap
+        if snap is not None and (self.max_age <= 0 or not snap.is_current()):
             self.end()
 
     def expire(self, now: float) -> None:
