@@ -681,7 +681,13 @@ RENDER_SCHEMA = Schema(
         Field("i", FieldType.INT, nullable=True),
     ),
 )
-floats = st.one_of(st.none(), st.floats(), st.sampled_from([math.nan]))
+# without float lists: the renderer's finite-sum path
+SCALAR_SCHEMA = Schema(1, tuple(f for f in RENDER_SCHEMA.fields if f.name != "l"))
+ONE_FLOAT_SCHEMA = Schema(1, tuple(f for f in RENDER_SCHEMA.fields if f.name not in ("l", "x")))
+NO_FLOAT_SCHEMA = Schema(
+    1, tuple(f for f in RENDER_SCHEMA.fields if f.name not in ("l", "x", "nullable_y"))
+)
+floats = st.one_of(st.none(), st.floats(), st.sampled_from([math.nan, 1e308, -1e308, 0.0, -0.0]))
 floats32 = st.one_of(st.none(), st.floats(width=32), st.sampled_from([math.nan]))
 texts = st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["null", "a null", "NaN"]))
 
@@ -700,13 +706,16 @@ texts = st.one_of(st.none(), st.text(max_size=8), st.sampled_from(["null", "a nu
     )
 )
 def test_the_renderer_writes_what_to_json_writes(record: dict[str, Any]) -> None:
-    """HGET's renderer (orjson plus a count of its nulls) gives to_json's
-    bytes, whatever NaN, null or "null" the record holds."""
+    """HGET's renderer (orjson, then a finite sum of the floats or a count of
+    its nulls) gives to_json's bytes, whatever NaN, infinity, overflowing
+    sum, null or "null" the record holds, with float lists or without, one
+    float field or none."""
     from sidecar.resp_commands import _Renderer, to_json
 
-    codec = DatasetCodec([RENDER_SCHEMA])
-    raw = codec.encode(record)
-    assert _Renderer(codec)(raw) == to_json(codec.decode(raw))
+    for schema in (RENDER_SCHEMA, SCALAR_SCHEMA, ONE_FLOAT_SCHEMA, NO_FLOAT_SCHEMA):
+        codec = DatasetCodec([schema])
+        raw = codec.encode({k: v for k, v in record.items() if k in schema.names})
+        assert _Renderer(codec)(raw) == to_json(codec.decode(raw)), schema.names
 
 
 def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -732,6 +741,19 @@ def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) ->
     for odd in ({"x": math.inf}, {"s": "null"}, {"l": [math.nan]}):
         render(codec.encode({**plain, **odd}))
     assert len(calls) == 3
+    # without float lists the floats' sum decides: "null" in a string, None
+    # fields and finite floats are orjson's alone; NaN, an infinity or a sum
+    # that overflows go on to the null count
+    calls.clear()
+    scalar = DatasetCodec([SCALAR_SCHEMA])
+    render = rc._Renderer(scalar)
+    with_null: dict[str, Any] = {"x": 1e300, "nullable_y": None, "s": "null", "b": None}
+    assert json.loads(render(scalar.encode(with_null))) == {**with_null, "i": None}
+    assert calls == []
+    overflow: dict[str, Any] = {"x": 1.7e308, "nullable_y": 3e38, "s": "text"}
+    for odd in ({"x": math.nan}, {"nullable_y": -math.inf}, overflow):
+        render(scalar.encode({**with_null, **odd}))
+    assert len(calls) == 2  # the overflow's nulls are its None fields: orjson's
 
 
 # --------------------------------------------------------------- the parser
