@@ -273,7 +273,10 @@ class _Renderer:
                 return to_json(value)
             floats = self.floats
             if floats is not None:
-                total = sum(filter(None, floats(value)))  # None (and 0.0) left out
+                try:
+                    total = sum(filter(None, floats(value)))  # None (and 0.0) left out
+                except (TypeError, OverflowError):  # not floats after all: the check below
+                    total = math.nan
                 if total - total == 0.0:  # NaN or an infinity makes it NaN
                     return out
             if b"null" not in out:
