@@ -429,13 +429,14 @@ class Mirror:
     # ------------------------------------------------------------ reads
 
     @contextmanager
-    def read(self) -> Iterator[Any]:
+    def read(self, *, buffers: bool = False) -> Iterator[Any]:
         """A read transaction of this process (short, please); counted so a
-        map resize can wait for it."""
+        map resize can wait for it. ``buffers``: values come as memoryviews
+        into the map (valid until the transaction ends), not as copies."""
         with self._state_lock:
             self._readers += 1
         try:
-            with self._env.begin() as txn:
+            with self._env.begin(buffers=True) if buffers else self._env.begin() as txn:
                 yield txn
         finally:
             with self._state_lock:

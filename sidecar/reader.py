@@ -51,6 +51,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,15 @@ def _reap(reader: weakref.ref[Reader], stop: threading.Event, period: float) -> 
         del r
 
 
+def _lookup(get: Callable[[bytes], Any], key: bytes) -> Any:
+    """``get(key)``, None for a key LMDB refuses (an empty one): no record
+    can have it."""
+    try:
+        return get(key)
+    except lmdb.BadValsizeError:
+        return None
+
+
 class Snapshot:
     """Reads inside one read transaction (see :meth:`Reader.snapshot`)."""
 
@@ -259,7 +269,9 @@ class Snapshot:
         # before the transaction: handles another thread opens meanwhile
         # make this snapshot not current rather than go unnoticed
         self._opened = (len(reader._dbs), reader._handles_gen)
-        self._cm = reader._txn_context()
+        # values as memoryviews into the map: raw() is zero-copy; what leaves
+        # the snapshot (records) is copied
+        self._cm = reader._txn_context(buffers=True)
         self._txn = self._cm.__enter__()
         self._txnid: int = self._txn.id()
 
@@ -309,13 +321,16 @@ class Snapshot:
         return self._reader._get(self._txn, self._dataset(dataset), key)
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
-        return self._reader._get_many(self._txn, self._dataset(dataset), keys)
+        return self._reader._get_many(self._txn, self._dataset(dataset), keys, copy=True)
 
     def fetcher(
         self, dataset: str
-    ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None:
+    ) -> tuple[Callable[[bytes], memoryview | None], DatasetCodec, Cursor] | None:
         """For many lookups in one dataset (a server answering a pipeline):
-        ``get(key)``, the stored bytes or None when the key is absent, with
+        ``get(key)``, the stored bytes -- a memoryview into the map, valid
+        only until this snapshot ends: copy what you keep -- or None when
+        the key is absent (keys of 1 to 511 bytes; an empty one is LMDB's
+        error), with
         the codec that decodes them and the version they belong to; None
         while the dataset has no version. As with :meth:`get`, a key found
         in a dataset whose stale data is refused raises StaleDataError, an
@@ -330,8 +345,8 @@ class Snapshot:
         except StaleDataError:
             txn_get, db = self._txn.get, ds.db
 
-            def refusing(key: bytes) -> bytes | None:
-                raw: bytes | None = txn_get(key, db=db)
+            def refusing(key: bytes) -> memoryview | None:
+                raw: memoryview | None = txn_get(key, db=db)
                 if raw is not None:
                     reader._is_stale(ds)  # raises, unless a sync came meanwhile
                 return raw
@@ -340,14 +355,14 @@ class Snapshot:
         # a cursor's get: one positional argument, and LMDB looks on the
         # cursor's current page first (161 vs 279 ns a lookup of one key,
         # 304 vs 358 of random keys, against txn.get with db=)
-        get: Callable[[bytes], bytes | None] = self._txn.cursor(db=ds.db).get
+        get: Callable[[bytes], memoryview | None] = self._txn.cursor(db=ds.db).get
         return get, ds.codec, ds.cursor
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
         this snapshot ends."""
         ds = self._dataset(dataset)
-        value = self._txn.get(key, db=ds.db)
+        value = _lookup(self._txn.cursor(db=ds.db).get, key)
         return None if value is None else memoryview(value)
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]:
@@ -489,9 +504,9 @@ class Reader:
         pages.close()
         return None
 
-    def _begin(self) -> Any:
+    def _begin(self, buffers: bool = False) -> Any:
         try:
-            return self._env.begin()
+            return self._env.begin(buffers=True) if buffers else self._env.begin()
         except lmdb.MapResizedError:
             raise _ResizeNeededError from None
 
@@ -530,16 +545,16 @@ class Reader:
                     st.lock.release()
 
     @contextmanager
-    def _txn_context(self) -> Iterator[Any]:
+    def _txn_context(self, buffers: bool = False) -> Iterator[Any]:
         """A fresh read transaction: the mirror's (counted) for a reader
         inside the sidecar, else our own (counted for map resizes)."""
         if self._mirror is not None:
-            with self._mirror.read() as txn:
+            with self._mirror.read(buffers=buffers) as txn:
                 yield txn
             return
         for _ in range(3):
             try:
-                txn = self._begin()
+                txn = self._begin(buffers)
                 break
             except _ResizeNeededError:
                 self._adopt_resize()
@@ -608,20 +623,45 @@ class Reader:
         return stale
 
     def _get(self, txn: Any, ds: _Dataset, key: bytes) -> Record | None:
-        raw = txn.get(key, db=ds.db)
+        raw = _lookup(txn.cursor(db=ds.db).get, key)
         if raw is None or ds.codec is None or ds.cursor is None:
             return None
-        return Record(ds.codec, raw, ds.cursor, self._is_stale(ds))
+        return Record(ds.codec, bytes(raw), ds.cursor, self._is_stale(ds))
 
-    def _get_many(self, txn: Any, ds: _Dataset, keys: Iterable[bytes]) -> list[Record | None]:
+    def _get_many(
+        self, txn: Any, ds: _Dataset, keys: Iterable[bytes], *, copy: bool = False
+    ) -> list[Record | None]:
+        """``copy``: the transaction yields memoryviews (a snapshot's), which
+        records must not keep."""
         codec, cursor = ds.codec, ds.cursor
         if codec is None or cursor is None:
             return [None for _ in keys]
         stale = self._is_stale(ds)
-        get, db = txn.get, ds.db
+        get: Callable[[bytes], Any] = txn.cursor(db=ds.db).get  # see fetcher
+        if not isinstance(keys, list | tuple):
+            keys = list(keys)  # read again if a key is empty (below)
+        try:
+            return self._records(get, codec, cursor, stale, keys, copy=copy)
+        except lmdb.BadValsizeError:  # an empty key: no record can have it
+            return self._records(partial(_lookup, get), codec, cursor, stale, keys, copy=copy)
+
+    @staticmethod
+    def _records(
+        get: Callable[[bytes], Any],
+        codec: DatasetCodec,
+        cursor: Cursor,
+        stale: bool,
+        keys: Iterable[bytes],
+        *,
+        copy: bool,
+    ) -> list[Record | None]:
+        if copy:
+            return [
+                None if (raw := get(key)) is None else Record(codec, bytes(raw), cursor, stale)
+                for key in keys
+            ]
         return [
-            None if (raw := get(key, db=db)) is None else Record(codec, raw, cursor, stale)
-            for key in keys
+            None if (raw := get(key)) is None else Record(codec, raw, cursor, stale) for key in keys
         ]
 
     # the fast path: one cached transaction per thread -------------------
@@ -723,6 +763,8 @@ class Reader:
         except _ResizeNeededError:
             self._adopt_resize()
             return self.get(dataset, key)
+        except lmdb.BadValsizeError:  # an empty key: no record can have it
+            return None
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
         """Records for ``keys`` (None where absent), all at one version."""

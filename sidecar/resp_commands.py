@@ -85,7 +85,7 @@ class ReadView(Protocol):
 
     def fetcher(
         self, dataset: str
-    ) -> tuple[Callable[[bytes], bytes | None], DatasetCodec, Cursor] | None: ...
+    ) -> tuple[Callable[[bytes], memoryview | None], DatasetCodec, Cursor] | None: ...
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]: ...
 
@@ -264,7 +264,7 @@ class _Renderer:
             # itemgetter of one name gives the value, not a tuple: repeat it
             self.floats = operator.itemgetter(*names, *names[:1]) if names else _no_floats
 
-    def __call__(self, raw: bytes) -> bytes:
+    def __call__(self, raw: bytes | memoryview) -> bytes:
         value = self.decode(raw)
         if _orjson is not None:
             try:
@@ -309,8 +309,9 @@ class _RenderCache:
         self.limit = limit
         self.epoch: bytes | None = None
         self.codec: object = None
-        self.entries: dict[bytes, bytes] = {}
-        self.render: Callable[[bytes], bytes] | None = None
+        # keyed by bytes; a memoryview of the same bytes finds its entry
+        self.entries: dict[bytes | memoryview, bytes] = {}
+        self.render: Callable[[memoryview], bytes] | None = None
 
     def store(self, raw: bytes, out: bytes) -> None:
         if self.limit:
@@ -320,7 +321,7 @@ class _RenderCache:
                     del self.entries[old]
             self.entries[raw] = out
 
-    def validate(self, codec: DatasetCodec, epoch: bytes) -> Callable[[bytes], bytes]:
+    def validate(self, codec: DatasetCodec, epoch: bytes) -> Callable[[memoryview], bytes]:
         """The renderer of ``codec``'s records; the entries are dropped if
         the codec or the epoch changed."""
         if codec is not self.codec or epoch != self.epoch or self.render is None:
@@ -662,9 +663,10 @@ class Dispatcher:
             raw = get(key)
             if raw is None:
                 return None
-            header = raw[0]
+            header = raw[0]  # raw: a memoryview into the map (zero-copy)
             if header == HEADER_OPAQUE:  # stored as is (docs/FORMAT.md)
-                return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])
+                # (%b takes any buffer; typeshed says bytes only)
+                return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])  # type: ignore[str-format]
             if header == HEADER_OPAQUE_SNAPPY:  # formatted from cramjam's buffer
                 value = inflate(raw)
                 return b"$%d\r\n%b\r\n" % (len(value), value)
@@ -672,7 +674,7 @@ class Dispatcher:
             if out is None:
                 text = render(raw)
                 out = b"$%d\r\n%b\r\n" % (len(text), text)
-                store(raw, out)
+                store(bytes(raw), out)  # a copy: the view dies with the snapshot
             return out
 
         repliers[dataset] = reply

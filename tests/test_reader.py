@@ -95,6 +95,12 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
         with reader.snapshot() as snap:
             raw = snap.raw("up", b"u007")
             assert raw is not None and bytes(raw) == rec.raw
+            # zero-copy: a view of the memory map, not of a bytes copy
+            assert raw.readonly and not isinstance(raw.obj, bytes | bytearray)
+            kept = snap.get("up", b"u007")
+            kept_many = snap.get_many("up", iter([b"u008", b"", b"u009"]))
+            # a key no record can have (empty) is a miss on every path
+            assert snap.get("up", b"") is None and snap.raw("up", b"") is None
             assert snap.count("up") == 200
             assert snap.keys("up", b"u19", limit=3) == [b"u190", b"u191", b"u192"]
             assert snap.version("up") == rec.cursor
@@ -110,6 +116,14 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
                 snap.fetcher("nope")
         with pytest.raises(UnknownDatasetError):
             reader.get("nope", b"x")
+        # records read in a snapshot hold their own bytes after it ended
+        assert kept is not None and isinstance(kept.raw, bytes) and kept.to_dict() == rec.to_dict()
+        assert kept_many[1] is None
+        fresh8 = reader.get("up", b"u008")
+        assert kept_many[0] is not None and fresh8 is not None
+        assert isinstance(kept_many[0].raw, bytes) and kept_many[0].raw == fresh8.raw
+        assert reader.get("up", b"") is None
+        assert [r is None for r in reader.get_many("up", [b"", b"u001"])] == [True, False]
 
 
 def test_reader_follows_new_versions_and_generations(setup: Setup, tmp_path: Path) -> None:
