@@ -259,8 +259,9 @@ def _lookup(get: Callable[[bytes], Any], key: bytes) -> Any:
 class Snapshot:
     """Reads inside one read transaction (see :meth:`Reader.snapshot`)."""
 
-    def __init__(self, reader: Reader) -> None:
+    def __init__(self, reader: Reader, *, buffers: bool = True) -> None:
         self._reader = reader
+        self._buffers = buffers
         self._seen: dict[str, _Dataset] = {}
         self._begin()
 
@@ -269,9 +270,9 @@ class Snapshot:
         # before the transaction: handles another thread opens meanwhile
         # make this snapshot not current rather than go unnoticed
         self._opened = (len(reader._dbs), reader._handles_gen)
-        # values as memoryviews into the map: raw() is zero-copy; what leaves
-        # the snapshot (records) is copied
-        self._cm = reader._txn_context(buffers=True)
+        # buffers: values as memoryviews into the map (raw() is zero-copy);
+        # what leaves the snapshot (records) is copied
+        self._cm = reader._txn_context(buffers=self._buffers)
         self._txn = self._cm.__enter__()
         self._txnid: int = self._txn.id()
 
@@ -321,17 +322,17 @@ class Snapshot:
         return self._reader._get(self._txn, self._dataset(dataset), key)
 
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
-        return self._reader._get_many(self._txn, self._dataset(dataset), keys, copy=True)
+        return self._reader._get_many(self._txn, self._dataset(dataset), keys, copy=self._buffers)
 
     def fetcher(
         self, dataset: str
-    ) -> tuple[Callable[[bytes], memoryview | None], DatasetCodec, Cursor] | None:
+    ) -> tuple[Callable[[bytes], bytes | memoryview | None], DatasetCodec, Cursor] | None:
         """For many lookups in one dataset (a server answering a pipeline):
         ``get(key)``, the stored bytes -- a memoryview into the map, valid
-        only until this snapshot ends: copy what you keep -- or None when
-        the key is absent (keys of 1 to 511 bytes; an empty one is LMDB's
-        error), with
-        the codec that decodes them and the version they belong to; None
+        only until this snapshot ends (copy what you keep), or ``bytes`` in
+        a snapshot without buffers -- or None when the key is absent (keys
+        of 1 to 511 bytes; an empty one is LMDB's error), with the codec
+        that decodes them and the version they belong to; None
         while the dataset has no version. As with :meth:`get`, a key found
         in a dataset whose stale data is refused raises StaleDataError, an
         absent one is None (staleness is checked here, once; only a refusing
@@ -345,8 +346,8 @@ class Snapshot:
         except StaleDataError:
             txn_get, db = self._txn.get, ds.db
 
-            def refusing(key: bytes) -> memoryview | None:
-                raw: memoryview | None = txn_get(key, db=db)
+            def refusing(key: bytes) -> bytes | memoryview | None:
+                raw: bytes | memoryview | None = txn_get(key, db=db)
                 if raw is not None:
                     reader._is_stale(ds)  # raises, unless a sync came meanwhile
                 return raw
@@ -355,12 +356,12 @@ class Snapshot:
         # a cursor's get: one positional argument, and LMDB looks on the
         # cursor's current page first (161 vs 279 ns a lookup of one key,
         # 304 vs 358 of random keys, against txn.get with db=)
-        get: Callable[[bytes], memoryview | None] = self._txn.cursor(db=ds.db).get
+        get: Callable[[bytes], bytes | memoryview | None] = self._txn.cursor(db=ds.db).get
         return get, ds.codec, ds.cursor
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
-        this snapshot ends."""
+        this snapshot ends (a view of a copy in a snapshot without buffers)."""
         ds = self._dataset(dataset)
         value = _lookup(self._txn.cursor(db=ds.db).get, key)
         return None if value is None else memoryview(value)
@@ -723,9 +724,13 @@ class Reader:
     # ------------------------------------------------------------ API
 
     @contextmanager
-    def snapshot(self) -> Iterator[Snapshot]:
-        """Consistent reads across keys and datasets, in one transaction."""
-        snap = Snapshot(self)
+    def snapshot(self, *, buffers: bool = True) -> Iterator[Snapshot]:
+        """Consistent reads across keys and datasets, in one transaction.
+        ``buffers=False`` reads values as copies (``bytes``) instead of
+        views of the memory map: ``raw()`` is then a view of a copy, and
+        ``fetcher``'s lookups return ``bytes`` -- cheaper for a server that
+        formats many small values whole (the socket workers do this)."""
+        snap = Snapshot(self, buffers=buffers)
         try:
             yield snap
         finally:

@@ -85,7 +85,7 @@ class ReadView(Protocol):
 
     def fetcher(
         self, dataset: str
-    ) -> tuple[Callable[[bytes], memoryview | None], DatasetCodec, Cursor] | None: ...
+    ) -> tuple[Callable[[bytes], bytes | memoryview | None], DatasetCodec, Cursor] | None: ...
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]: ...
 
@@ -311,7 +311,7 @@ class _RenderCache:
         self.codec: object = None
         # keyed by bytes; a memoryview of the same bytes finds its entry
         self.entries: dict[bytes | memoryview, bytes] = {}
-        self.render: Callable[[memoryview], bytes] | None = None
+        self.render: Callable[[bytes | memoryview], bytes] | None = None
 
     def store(self, raw: bytes, out: bytes) -> None:
         if self.limit:
@@ -321,7 +321,7 @@ class _RenderCache:
                     del self.entries[old]
             self.entries[raw] = out
 
-    def validate(self, codec: DatasetCodec, epoch: bytes) -> Callable[[memoryview], bytes]:
+    def validate(self, codec: DatasetCodec, epoch: bytes) -> Callable[[bytes | memoryview], bytes]:
         """The renderer of ``codec``'s records; the entries are dropped if
         the codec or the epoch changed."""
         if codec is not self.codec or epoch != self.epoch or self.render is None:
@@ -663,7 +663,7 @@ class Dispatcher:
             raw = get(key)
             if raw is None:
                 return None
-            header = raw[0]  # raw: a memoryview into the map (zero-copy)
+            header = raw[0]  # raw: bytes (the workers' snapshots) or a view of the map
             if header == HEADER_OPAQUE:  # stored as is (docs/FORMAT.md)
                 # (%b takes any buffer; typeshed says bytes only)
                 return b"$%d\r\n%b\r\n" % (len(raw) - 1, raw[1:])  # type: ignore[str-format]
@@ -674,7 +674,7 @@ class Dispatcher:
             if out is None:
                 text = render(raw)
                 out = b"$%d\r\n%b\r\n" % (len(text), text)
-                store(bytes(raw), out)  # a copy: the view dies with the snapshot
+                store(bytes(raw), out)  # a view dies with its snapshot (bytes: as is)
             return out
 
         repliers[dataset] = reply

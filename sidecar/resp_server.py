@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import json
 import logging
@@ -732,7 +733,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     loop = WorkerLoop(
         listener,
         dispatcher,
-        reader.snapshot,
+        # bytes, not views of the map: small values formatted whole (and the
+        # render cache's keys) cost less as bytes (measured: docs/benchmarks.md)
+        functools.partial(reader.snapshot, buffers=False),
         counters,
         slot,
         max_clients=int(spec["max_clients"]),

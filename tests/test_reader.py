@@ -116,6 +116,13 @@ def test_get_fields_and_consistent_batches(setup: Setup, tmp_path: Path) -> None
                 snap.fetcher("nope")
         with pytest.raises(UnknownDatasetError):
             reader.get("nope", b"x")
+        with reader.snapshot(buffers=False) as copies:  # what the socket workers read with
+            raw = copies.raw("up", b"u007")
+            assert raw is not None and isinstance(raw.obj, bytes) and bytes(raw) == rec.raw
+            fetched = copies.fetcher("up")
+            assert fetched is not None and isinstance(fetched[0](b"u007"), bytes)
+            copied = copies.get_many("up", [b"u008"])[0]
+            assert copied is not None and isinstance(copied.raw, bytes)
         # records read in a snapshot hold their own bytes after it ended
         assert kept is not None and isinstance(kept.raw, bytes) and kept.to_dict() == rec.to_dict()
         assert kept_many[1] is None
