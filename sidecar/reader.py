@@ -330,9 +330,9 @@ class Snapshot:
         """For many lookups in one dataset (a server answering a pipeline):
         ``get(key)``, the stored bytes -- a memoryview into the map, valid
         only until this snapshot ends (copy what you keep), or ``bytes`` in
-        a snapshot without buffers -- or None when the key is absent (keys
-        of 1 to 511 bytes; an empty one is LMDB's error), with the codec
-        that decodes them and the version they belong to; None
+        a snapshot without buffers -- or None when the key is absent (an
+        empty key raises LMDB's BadValsizeError here: callers check, as the
+        server does), with the codec that decodes them and the version they belong to; None
         while the dataset has no version. As with :meth:`get`, a key found
         in a dataset whose stale data is refused raises StaleDataError, an
         absent one is None (staleness is checked here, once; only a refusing
@@ -344,10 +344,10 @@ class Snapshot:
         try:
             reader._is_stale(ds)
         except StaleDataError:
-            txn_get, db = self._txn.get, ds.db
+            cursor_get = self._txn.cursor(db=ds.db).get
 
             def refusing(key: bytes) -> bytes | memoryview | None:
-                raw: bytes | memoryview | None = txn_get(key, db=db)
+                raw: bytes | memoryview | None = cursor_get(key)
                 if raw is not None:
                     reader._is_stale(ds)  # raises, unless a sync came meanwhile
                 return raw
@@ -363,7 +363,7 @@ class Snapshot:
         """The stored bytes, zero-copy from the memory map: valid only until
         this snapshot ends (a view of a copy in a snapshot without buffers)."""
         ds = self._dataset(dataset)
-        value = _lookup(self._txn.cursor(db=ds.db).get, key)
+        value = _lookup(partial(self._txn.get, db=ds.db), key)  # one lookup: no cursor
         return None if value is None else memoryview(value)
 
     def keys(self, dataset: str, start: bytes = b"", limit: int = 1000) -> list[bytes]:
@@ -624,7 +624,7 @@ class Reader:
         return stale
 
     def _get(self, txn: Any, ds: _Dataset, key: bytes) -> Record | None:
-        raw = _lookup(txn.cursor(db=ds.db).get, key)
+        raw = _lookup(partial(txn.get, db=ds.db), key)  # one lookup: no cursor
         if raw is None or ds.codec is None or ds.cursor is None:
             return None
         return Record(ds.codec, bytes(raw), ds.cursor, self._is_stale(ds))
@@ -745,7 +745,7 @@ class Reader:
             st: _ThreadTxn = self._local.st
         except AttributeError:
             if self._pages is None:
-                with self.snapshot() as snap:
+                with self.snapshot(buffers=False) as snap:  # records copy anyway
                     return snap.get(dataset, key)
             st = self._thread_txn()
         try:
@@ -774,7 +774,7 @@ class Reader:
     def get_many(self, dataset: str, keys: Iterable[bytes]) -> list[Record | None]:
         """Records for ``keys`` (None where absent), all at one version."""
         if self._pages is None:
-            with self.snapshot() as snap:
+            with self.snapshot(buffers=False) as snap:  # records copy anyway
                 return snap.get_many(dataset, keys)
         result: list[Record | None] = self._fast(
             dataset, lambda txn, ds: self._get_many(txn, ds, keys)
@@ -784,7 +784,7 @@ class Reader:
     def version(self, dataset: str) -> Cursor | None:
         """The dataset's cursor (None before its first sync)."""
         if self._pages is None:
-            with self.snapshot() as snap:
+            with self.snapshot(buffers=False) as snap:  # records copy anyway
                 return snap.version(dataset)
         cursor: Cursor | None = self._fast(dataset, lambda txn, ds: ds.cursor)
         return cursor

@@ -37,6 +37,9 @@ class ReaderProcess:
                 if cmd == "get":
                     rec = r.get("up", args[0].encode())
                     print(rec.cursor.version, rec["age"], flush=True)
+                elif cmd == "empty":  # a key no record can have, on the cached path
+                    many = r.get_many("up", [b"", b"u001"])
+                    print(r.get("up", b""), [m is None for m in many], flush=True)
                 elif cmd == "version":
                     print(r.version("up").version, flush=True)
                 elif cmd == "many":
@@ -156,6 +159,16 @@ def test_an_idle_reader_releases_its_snapshot(setup: Setup, tmp_path: Path) -> N
         got_version, _ = reader.ask("get u002")
         assert int(got_version) == setup.origin.info("up").cursor.version
         assert reader.ask("close") == ["closed"]
+    finally:
+        reader.stop()
+
+
+def test_an_empty_key_is_a_miss_on_the_cached_path(setup: Setup, tmp_path: Path) -> None:
+    reader = ReaderProcess(tmp_path / "mirror")
+    try:
+        assert reader.mode == "cached"
+        assert reader.ask("empty") == ["None", "[True,", "False]"]
+        reader.ask("get u001")  # the cached transaction still serves
     finally:
         reader.stop()
 
