@@ -582,6 +582,68 @@ def test_the_held_view_in_one_worker_turn_after_another() -> None:
     assert log[-1] == "end 5" and strict.deadline is None
 
 
+def test_socket_reads_while_the_mirror_grows_its_map(env: Env, tmp_path: Path) -> None:
+    """HGETs from two clients while the sidecar's mirror, started with a
+    1 MiB map, grows it several times to take 6 MB of new values; the
+    workers keep their snapshots between requests. Every reply is a whole
+    value of some version, the new ones are read once synced, and nothing
+    fails."""
+    assert env.client.post("/v1/datasets", json={"name": "grows", "opaque": True}).is_success
+    write(env.client, "grows", {b"probe": b"v1"})
+    path = Path(f"/tmp/sidecar-grow-{os.getpid()}.sock")
+    extra = {
+        "SIDECAR_SOCKET": str(path),
+        "SIDECAR_SOCKET_WORKERS": "2",
+        "SIDECAR_MAP_SIZE_MB": "1",
+        "SIDECAR_MAX_MAP_SIZE_MB": "256",
+    }
+    with SidecarProcess(tmp_path / "s", env.origin.base_url, ["grows"], extra_env=extra) as sc:
+        sc.wait_ready()
+        wait_socket(path, sc)
+        stop = threading.Event()
+        seen: list[Any] = []
+        errors: list[Any] = []
+
+        def reader() -> None:
+            c = Resp(path)
+            try:
+                while not stop.is_set():
+                    value = c.call("HGET", "grows", "probe")
+                    seen.append(value)
+                    if value not in (b"v1", b"v2"):
+                        errors.append(value)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                c.close()
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            version = 0
+            for i in range(6):  # about 1 MB a batch, incompressible
+                upserts = {b"big%04d" % (i * 100 + j): os.urandom(10_000) for j in range(100)}
+                if i == 5:
+                    upserts[b"probe"] = b"v2"
+                version = write(env.client, "grows", upserts)
+            sc.wait_version("grows", version)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:3]
+        assert b"v1" in seen
+        c = Resp(path)
+        try:
+            assert c.call("HGET", "grows", "probe") == b"v2"
+            assert c.call("HLEN", "grows") == 601
+            assert len(c.call("HGET", "grows", "big0599")) == 10_000
+        finally:
+            c.close()
+        assert (tmp_path / "s" / "mirror" / "data.mdb").stat().st_size >= 6 << 20  # it grew
+
+
 def test_the_view_age_setting() -> None:
     from replicad.errors import ConfigError
     from sidecar.config import load
