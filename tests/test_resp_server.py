@@ -11,6 +11,7 @@ and a second, with tight limits, the limit tests.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -480,21 +481,28 @@ def _held_txnids(mirror: Path, pid: int) -> list[str]:
     return [row.split()[2] for row in rows if row.split()[0] == str(pid)]
 
 
+@contextlib.contextmanager
+def _serving_one_dataset(
+    env: Env, tmp_path: Path, name: str, first: dict[bytes, bytes], **settings: str
+) -> Iterator[tuple[SidecarProcess, Path]]:
+    """A new opaque dataset at the origin holding ``first``, and a sidecar
+    of its own serving it on a socket (``settings``: more SIDECAR_* values)."""
+    assert env.client.post("/v1/datasets", json={"name": name, "opaque": True}).is_success
+    write(env.client, name, first)
+    path = Path(f"/tmp/sidecar-{name}-{os.getpid()}.sock")  # short: AF_UNIX paths
+    extra = {"SIDECAR_SOCKET": str(path), **settings}
+    with SidecarProcess(tmp_path / "s", env.origin.base_url, [name], extra_env=extra) as sc:
+        sc.wait_ready()
+        wait_socket(path, sc)
+        yield sc, path
+
+
 def test_a_worker_keeps_its_snapshot_until_a_commit_or_its_age(env: Env, tmp_path: Path) -> None:
     """A worker keeps one read snapshot across requests while nothing is
     committed: a write is still seen at once (the commit ends it), and an
     idle worker lets it go after ``socket_view_max_age``."""
-    assert env.client.post("/v1/datasets", json={"name": "held", "opaque": True}).is_success
-    write(env.client, "held", {b"k": b"1"})
-    path = Path(f"/tmp/sidecar-held-{os.getpid()}.sock")
-    extra = {
-        "SIDECAR_SOCKET": str(path),
-        "SIDECAR_SOCKET_WORKERS": "1",
-        "SIDECAR_SOCKET_VIEW_MAX_AGE": "3",
-    }
-    with SidecarProcess(tmp_path / "s", env.origin.base_url, ["held"], extra_env=extra) as sc:
-        sc.wait_ready()
-        wait_socket(path, sc)
+    settings = {"SIDECAR_SOCKET_WORKERS": "1", "SIDECAR_SOCKET_VIEW_MAX_AGE": "3"}
+    with _serving_one_dataset(env, tmp_path, "held", {b"k": b"1"}, **settings) as (sc, path):
         c = Resp(path)
         try:
             info = c.call("INFO", "server").decode()
@@ -588,18 +596,8 @@ def test_socket_reads_while_the_mirror_grows_its_map(env: Env, tmp_path: Path) -
     workers keep their snapshots between requests. Every reply is a whole
     value of some version, the new ones are read once synced, and nothing
     fails."""
-    assert env.client.post("/v1/datasets", json={"name": "grows", "opaque": True}).is_success
-    write(env.client, "grows", {b"probe": b"v1"})
-    path = Path(f"/tmp/sidecar-grow-{os.getpid()}.sock")
-    extra = {
-        "SIDECAR_SOCKET": str(path),
-        "SIDECAR_SOCKET_WORKERS": "2",
-        "SIDECAR_MAP_SIZE_MB": "1",
-        "SIDECAR_MAX_MAP_SIZE_MB": "256",
-    }
-    with SidecarProcess(tmp_path / "s", env.origin.base_url, ["grows"], extra_env=extra) as sc:
-        sc.wait_ready()
-        wait_socket(path, sc)
+    settings = {"SIDECAR_MAP_SIZE_MB": "1", "SIDECAR_MAX_MAP_SIZE_MB": "256"}
+    with _serving_one_dataset(env, tmp_path, "grows", {b"probe": b"v1"}, **settings) as (sc, path):
         stop = threading.Event()
         seen: list[Any] = []
         errors: list[Any] = []
