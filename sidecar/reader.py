@@ -286,13 +286,10 @@ class Snapshot:
         this turns False). Always False for a reader that cannot see the
         mirror's last commit cheaply (see docs/FORMAT.md)."""
         reader = self._reader
-        words = reader._words if reader._pages is not None else None
-        if words is None:
-            return False
-        txnid = self._txnid
+        pages = reader._pages
         return (
-            words[reader._first] <= txnid
-            and words[reader._second] <= txnid
+            pages is not None
+            and pages.txnid() <= self._txnid
             and self._opened == (len(reader._dbs), reader._handles_gen)
         )
 
