@@ -489,7 +489,6 @@ class WorkerLoop:
     def _execute(self, batch: list[tuple[_Conn, list[list[bytes]]]]) -> None:
         execute = self.dispatcher.execute_many
         view = self.view
-        ok = False
         try:
             for conn, commands in batch:
                 if conn.sock.fileno() < 0:
@@ -503,12 +502,10 @@ class WorkerLoop:
                     conn.closing = True
                     if not conn.out:
                         self._close(conn.sock.fileno())
-            ok = True
-        finally:
-            if ok:
-                view.turn_over()
-            else:
-                view.end()
+        except BaseException:
+            view.end()  # whatever went wrong, no snapshot is kept past it
+            raise
+        view.turn_over()
         if self.dispatcher.commands_processed - self._counted >= 4096:
             self._publish_commands()
 
