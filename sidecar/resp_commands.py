@@ -255,13 +255,12 @@ class _Renderer:
         self.decode = codec.decode
         # "null" inside field names, which every rendering holds
         self.key_nulls = sum(name.count("null") for name in codec.field_names)
+        # the float fields' values (None: float lists exist, the null check
+        # decides); itemgetter of one name gives the value, not a tuple
+        floats = [f for f in codec.schema.fields if f.type in _FLOAT_TYPES] if codec.schema else []
+        names = [f.name for f in floats]
         self.floats: Callable[[Any], Any] | None = None
-        schema = codec.schema
-        if schema is not None and not any(
-            f.is_list and f.type in _FLOAT_TYPES for f in schema.fields
-        ):
-            names = [f.name for f in schema.fields if f.type in _FLOAT_TYPES]
-            # itemgetter of one name gives the value, not a tuple: repeat it
+        if not any(f.is_list for f in floats):
             self.floats = operator.itemgetter(*names, *names[:1]) if names else _no_floats
 
     def __call__(self, raw: bytes | memoryview) -> bytes:
@@ -273,10 +272,7 @@ class _Renderer:
                 return to_json(value)
             floats = self.floats
             if floats is not None:
-                try:
-                    total = sum(filter(None, floats(value)))  # None (and 0.0) left out
-                except (TypeError, OverflowError):  # not floats after all: the check below
-                    total = math.nan
+                total = sum(filter(None, floats(value)))  # None (and 0.0) left out
                 if total - total == 0.0:  # NaN or an infinity makes it NaN
                     return out
             if b"null" not in out:
