@@ -82,7 +82,7 @@ def _key(i: int) -> bytes:
 
 def _json(i: int, codec: DatasetCodec) -> bytes:
     """Record ``i`` as the sidecar's HGET renders it."""
-    from sidecar.resp_commands import to_json
+    from sidecar.json_render import to_json
 
     return to_json(codec.decode(codec.encode(seed_like_record(i))))
 

@@ -73,8 +73,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     from sidecar.config import SidecarConfig
+    from sidecar.json_render import to_json
     from sidecar.reader import Reader
-    from sidecar.resp_commands import is_opaque, to_json
+    from sidecar.resp_commands import is_opaque
 
     data = args.data or os.environ.get("SIDECAR_DATA") or str(SidecarConfig().data)
     key = args.key.encode("utf-8", "surrogateescape")

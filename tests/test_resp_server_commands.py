@@ -30,6 +30,7 @@ from replicad.replica import ReplicaSync, SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.schema import Field, FieldType, Schema
 from replicad.store import OriginStore
+from sidecar.json_render import JsonRenderer, to_json
 from sidecar.mirror import Mirror
 from sidecar.reader import Reader
 from sidecar.resp import CommandParser, Error, Map, Reply, RespError, encode
@@ -710,23 +711,21 @@ def test_the_renderer_writes_what_to_json_writes(record: dict[str, Any]) -> None
     its nulls) gives to_json's bytes, whatever NaN, infinity, overflowing
     sum, null or "null" the record holds, with float lists or without, one
     float field or none."""
-    from sidecar.resp_commands import _Renderer, to_json
-
     for schema in (RENDER_SCHEMA, SCALAR_SCHEMA, ONE_FLOAT_SCHEMA, NO_FLOAT_SCHEMA):
         codec = DatasetCodec([schema])
         raw = codec.encode({k: v for k, v in record.items() if k in schema.names})
-        assert _Renderer(codec)(raw) == to_json(codec.decode(raw)), schema.names
+        assert JsonRenderer(codec)(raw) == to_json(codec.decode(raw)), schema.names
 
 
 def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) -> None:
     """A record with None fields (and "null" in a field name) is rendered by
     orjson alone; only NaN and infinities, or "null" in a string, need to_json."""
-    import sidecar.resp_commands as rc
+    import sidecar.json_render as rc
 
     if rc._orjson is None:
         pytest.skip("orjson is not installed")
     codec = DatasetCodec([RENDER_SCHEMA])
-    render = rc._Renderer(codec)
+    render = JsonRenderer(codec)
     calls: list[Any] = []
     real = rc.to_json
 
@@ -746,7 +745,7 @@ def test_the_renderer_takes_orjson_for_nulls(monkeypatch: pytest.MonkeyPatch) ->
     # that overflows go on to the null count
     calls.clear()
     scalar = DatasetCodec([SCALAR_SCHEMA])
-    render = rc._Renderer(scalar)
+    render = JsonRenderer(scalar)
     with_null: dict[str, Any] = {"x": 1e300, "nullable_y": None, "s": "null", "b": None}
     assert json.loads(render(scalar.encode(with_null))) == {**with_null, "i": None}
     assert calls == []
@@ -868,7 +867,7 @@ TRICKY: list[Any] = [
 def test_to_json_is_strict_and_the_same_with_or_without_orjson(
     value: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.resp_commands as rc
+    import sidecar.json_render as rc
 
     fast = rc.to_json(value)  # orjson, when it is installed
     monkeypatch.setattr(rc, "_orjson", None)
