@@ -71,6 +71,9 @@ class SyncTransport(Protocol):
 
 
 INDEX_RETRY = 5.0
+JSON_VIEW_CHECK = 1.0
+"""Seconds between looks for a JSON view a diff emptied (a definition
+change); a snapshot load wakes the builder at once."""
 """Seconds before the leaf index build tries again after a storage error."""
 LARGE_BATCH = 1_000
 """Batches of at least this many records are applied in the lowered apply
@@ -443,26 +446,31 @@ class Agent:
         self._index_wake.set()
 
     async def _build_indexes(self) -> None:
-        """Complete the leaf indexes snapshot loads left incomplete, one
-        short write transaction at a time in the apply thread (applies
-        queued meanwhile run between them); then wait for the next load."""
+        """Complete the leaf indexes snapshot loads left incomplete, then
+        the JSON views loads and definition changes emptied, one short write
+        transaction at a time in the apply thread (applies queued meanwhile
+        run between them); then wait for the next load (or, for a view a
+        diff emptied, at most ``JSON_VIEW_CHECK`` seconds)."""
+        mirror = self.mirror
         while True:
-            pending = self.mirror.unindexed()
+            pending = [("leaf index", n, mirror.index_step) for n in mirror.unindexed()]
+            pending += [("JSON view", n, mirror.json_step) for n in mirror.json_unbuilt()]
             if not pending:
-                await self._index_wake.wait()
-                self._index_wake = trio.Event()
+                with trio.move_on_after(JSON_VIEW_CHECK):
+                    await self._index_wake.wait()
+                    self._index_wake = trio.Event()
                 continue
-            for name in pending:
+            for what, name, step in pending:
                 began = time.perf_counter()
                 try:
-                    while await self.apply_thread.run(self.mirror.index_step, name):
+                    while await self.apply_thread.run(step, name):
                         await trio.lowlevel.checkpoint()  # the wait above is shielded
                 except StorageError as exc:
-                    log.error("leaf index build failed", extra={"dataset": name, "error": str(exc)})
+                    log.error(f"{what} build failed", extra={"dataset": name, "error": str(exc)})
                     await trio.sleep(INDEX_RETRY)
-                    continue
+                    break
                 log.info(
-                    "leaf index built",
+                    f"{what} built",
                     extra={"dataset": name, "seconds": round(time.perf_counter() - began, 3)},
                 )
 
@@ -505,6 +513,7 @@ class Agent:
                 else now - ds.sync.last_sync,
                 "records": ds.sync.digest.count,
                 "leaf_index_complete": self.mirror.index_complete(name),
+                "json_view": self.mirror.json_view_state(name),
                 "records_applied": ds.sync.stats.records_applied,
                 "digest_mismatches": ds.sync.stats.digest_mismatches,
                 "syncs": dict(ds.sync.stats.syncs),

@@ -34,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
         "origin": args.origin,
         "data": args.data,
         "datasets": args.datasets,
+        "json_views": args.json_views,
         "token_file": args.token_file,
         "health": args.health,
         "poll_interval": args.poll_interval,
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "--serve-sync", help="relay mode: serve the sync API from the mirror at this address"
     )
     run.add_argument("--socket", help="serve the Redis protocol on this unix socket path")
+    run.add_argument(
+        "--json-views", help="comma-separated datasets whose records' JSON the mirror stores too"
+    )
     status = sub.add_parser("status", help="ask a running sidecar how it is doing")
     status.add_argument("--health", default="http://127.0.0.1:7071", help="its health URL")
     get = sub.add_parser("get", help="print one record of the mirror as JSON")

@@ -30,6 +30,7 @@ Example ``sidecar.toml``::
     socket_idle_timeout = 0                    # seconds; 0 = never close idle clients
     socket_view_max_age = 0.05                 # seconds a worker keeps a read snapshot
     socket_max_request_bytes = 4194304
+    json_views = ["user_profile"]              # store typed records' JSON too (docs/reads.md)
 
 Every setting can also come from the environment as ``SIDECAR_<NAME>``
 (``SIDECAR_TOKEN`` wins over ``SIDECAR_TOKEN_FILE`` when both are set)
@@ -104,6 +105,10 @@ class SidecarConfig:
     """Seconds a socket worker keeps one read snapshot across requests while
     the mirror commits nothing (it bounds how long an idle worker holds a
     snapshot a later commit made old); 0: a new snapshot every turn."""
+    json_views: tuple[str, ...] = ()
+    """Datasets whose records the mirror also keeps as rendered JSON (the
+    socket's HGET replies, stored: served without decoding; about four times
+    the space of typed records, and a render per record written)."""
 
     def validate(self) -> SidecarConfig:
         if not self.datasets:
@@ -137,6 +142,9 @@ class SidecarConfig:
             raise ConfigError("socket_idle_timeout must be 0 (never) or positive")
         if not 0 <= self.socket_view_max_age <= 10:
             raise ConfigError("socket_view_max_age must be between 0 and 10 seconds")
+        unknown = sorted(set(self.json_views) - set(self.datasets))
+        if unknown:
+            raise ConfigError(f"json_views names datasets not in datasets: {', '.join(unknown)}")
         if self.socket_max_request_bytes < 1024:
             raise ConfigError("socket_max_request_bytes must be at least 1024")
         if not 0 <= self.socket_mode <= 0o777:
@@ -231,7 +239,7 @@ def from_mapping(values: Mapping[str, Any], base: SidecarConfig | None = None) -
                 changes[key] = str(value) or None
             case "socket_mode":
                 changes[key] = _mode(key, value)
-            case "datasets":
+            case "datasets" | "json_views":
                 items = _items(key, value)
                 changes[key] = tuple(str(v).strip() for v in items if str(v).strip())
             case "token":

@@ -79,6 +79,7 @@ async def serve(
         max_readers=config.max_readers,
         durable=config.durable,
         file_mode=config.file_mode,
+        json_views=config.json_views,
     )
     async with AsyncExitStack() as stack:
         stack.callback(mirror.close)

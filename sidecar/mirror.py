@@ -78,7 +78,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -99,9 +99,11 @@ from replicad.lmdb_scan import LmdbDatasetView
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
+from sidecar.json_render import JsonRenderer, bulk, renders_alike
+from sidecar.reader import codec_from_definition
 
 MAX_DATASETS = 64
-"""Default bound on datasets per mirror (four LMDB databases each): LMDB's
+"""Default bound on datasets per mirror (six LMDB databases each): LMDB's
 cost of beginning any transaction grows with the bound, so it is modest by
 default (``Mirror(max_datasets=...)`` / the sidecar's ``max_datasets``)."""
 GROW_WAIT = 10.0
@@ -110,6 +112,9 @@ INDEX_STEP = 4_096
 """Records per write transaction of the background leaf index build
 (:meth:`Mirror.index_step`): a few milliseconds, so a pushed version that
 waits for the write lock meanwhile waits little."""
+JSON_STEP = 1_024
+"""Records per write transaction of the background JSON view build
+(:meth:`Mirror.json_step`): rendering costs about 4 us a record."""
 
 
 def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | None]]) -> Digest:
@@ -156,6 +161,8 @@ class _Gen:
     index_from: bytes | None
     """None: the leaf index has a row for every record; else it has one for
     every record before this key (and for the keys applies touched since)."""
+    json: Any = None
+    """The JSON view's database of this slot (None: the dataset has none)."""
 
 
 @dataclass
@@ -170,6 +177,9 @@ class _DatasetState:
     staging: _Gen | None
     progress: SnapshotProgress | None
     staged_meta: MetaBlob | None = None
+    json_from: bytes | None = None
+    """With a JSON view: None when it has a row for every typed record; else
+    where its build resumes (rows before it and rows applies wrote since)."""
 
 
 class _LeafView:
@@ -234,10 +244,15 @@ class Mirror:
         durable: bool = True,
         file_mode: int = 0o660,
         max_datasets: int = MAX_DATASETS,
+        json_views: Collection[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.max_datasets = max_datasets
+        self.json_views = frozenset(json_views)
+        """The datasets whose JSON view this mirror keeps (see "JSON view" in
+        the module doc); the others' views are emptied at open."""
+        self._renderers: dict[bytes, Callable[[bytes], bytes | None] | None] = {}
         self.max_map_size = max(map_size, max_map_size)
         self._clock = clock
         self._write_lock = threading.Lock()
@@ -254,7 +269,7 @@ class Mirror:
             self._env = lmdb.open(
                 str(self.path),
                 map_size=map_size,
-                max_dbs=4 * max_datasets + 1,
+                max_dbs=6 * max_datasets + 1,
                 max_readers=max_readers,
                 writemap=True,  # see "Memory" in the module doc
                 sync=durable,
@@ -277,6 +292,7 @@ class Mirror:
             self._meta = self._env.open_db(b"meta")
             try:
                 self._load()
+                self._reconcile_json_views()
             except BaseException:
                 self._env.close()
                 raise
@@ -306,6 +322,8 @@ class Mirror:
                 epoch = doc["epoch"]
                 cursor = None if epoch is None else Cursor(bytes(epoch), int(doc["version"]))
                 definition = doc["definition"]
+                view = doc.get("json")
+                json_from = None if view is None else view["from"]
                 stage_raw = rows.get(b"stage/" + name.encode())
                 progress = None
                 staged_meta = None
@@ -324,12 +342,18 @@ class Mirror:
                 geometry_of(definition),
                 build=True,
                 index_from=rows.get(_index_key(name)),
+                json=view is not None,
             )
             staging = None
             if progress is not None:
                 staged_def = staged_meta.body if staged_meta else definition
                 staging = self._open_gen(
-                    name, gen + 1, geometry_of(staged_def), build=True, index_from=b""
+                    name,
+                    gen + 1,
+                    geometry_of(staged_def),
+                    build=True,
+                    index_from=b"",
+                    json=view is not None,
                 )
             self._datasets[name] = _DatasetState(
                 name,
@@ -342,13 +366,56 @@ class Mirror:
                 staging,
                 progress,
                 staged_meta,
+                json_from,
             )
 
+    def _reconcile_json_views(self) -> None:
+        """Start the JSON view of each dataset in ``json_views`` that has
+        none (empty, to be built), and empty and stop the others'."""
+        turned = [
+            ds
+            for name, ds in self._datasets.items()
+            if (name in self.json_views) != (ds.live.json is not None)
+        ]
+        if not turned:
+            return
+        with self._env.begin(write=True) as txn:
+            for ds in turned:
+                on = ds.name in self.json_views
+                # both slots, emptied (stopped: kept, since readers may hold
+                # handles to them; an empty view only sends them to the records)
+                dbs = [
+                    self._env.open_db(_db_name("j", ds.name, ds.gen + i), txn=txn) for i in (0, 1)
+                ]
+                for db in dbs:
+                    txn.drop(db, delete=False)
+                ds.live.json = dbs[0] if on else None
+                if ds.staging is not None:
+                    ds.staging.json = dbs[1] if on else None
+                ds.json_from = b"" if on else None
+                self._put_ds(
+                    txn,
+                    ds,
+                    ds.gen,
+                    ds.cursor,
+                    meta=None,
+                    synced_at=ds.synced_at,
+                    json_from=ds.json_from,
+                )
+
     def _open_gen(
-        self, name: str, gen: int, geometry: Geometry, *, build: bool, index_from: bytes | None
+        self,
+        name: str,
+        gen: int,
+        geometry: Geometry,
+        *,
+        build: bool,
+        index_from: bytes | None,
+        json: bool = False,
     ) -> _Gen:
         records = self._env.open_db(_db_name("d", name, gen))
         leaves = self._env.open_db(_db_name("l", name, gen))
+        json_db = self._env.open_db(_db_name("j", name, gen)) if json else None
         tree = MerkleTree(geometry)
         if build and index_from is None:  # from the leaf index: no hashing
             with self._env.begin(buffers=True) as txn:
@@ -360,7 +427,7 @@ class Mirror:
                 tree.update_leaves(
                     (leaf_of(k), None, entry_hash(k, v)) for k, v in txn.cursor(db=records)
                 )
-        return _Gen(gen, records, leaves, tree, index_from)
+        return _Gen(gen, records, leaves, tree, index_from, json_db)
 
     @property
     def env(self) -> Any:
@@ -385,9 +452,10 @@ class Mirror:
                         f"the mirror holds at most {self.max_datasets} datasets "
                         "(raise the sidecar's max_datasets)"
                     )
-                live = self._open_gen(name, 1, Geometry(), build=False, index_from=None)
+                json = name in self.json_views
+                live = self._open_gen(name, 1, Geometry(), build=False, index_from=None, json=json)
                 # both slots exist for readers
-                self._open_gen(name, 2, Geometry(), build=False, index_from=None)
+                self._open_gen(name, 2, Geometry(), build=False, index_from=None, json=json)
                 ds = _DatasetState(name, 1, None, 0, None, None, live, None, None)
                 with self._env.begin(write=True) as txn:
                     self._put_ds(txn, ds, 1, None, meta=None, synced_at=None)
@@ -425,6 +493,21 @@ class Mirror:
     def unindexed(self) -> list[str]:
         """The datasets whose live leaf index is still being built."""
         return [n for n, ds in sorted(self._datasets.items()) if ds.live.index_from is not None]
+
+    def json_view_state(self, name: str) -> str:
+        """``"off"``, ``"building"`` or ``"built"``."""
+        ds = self._state(name)
+        if ds.live.json is None:
+            return "off"
+        return "built" if ds.json_from is None else "building"
+
+    def json_unbuilt(self) -> list[str]:
+        """The datasets whose JSON view is still being built."""
+        return [
+            n
+            for n, ds in sorted(self._datasets.items())
+            if ds.live.json is not None and ds.json_from is not None
+        ]
 
     # ------------------------------------------------------------ reads
 
@@ -516,6 +599,13 @@ class Mirror:
         like :meth:`apply`."""
         return self._writing(lambda: self._index_step(name, limit))
 
+    def json_step(self, name: str, limit: int = JSON_STEP) -> bool:
+        """Render the JSON view rows of up to ``limit`` more records of the
+        live generation, in one write transaction that also records where
+        the build resumes; return whether records remain. Raises like
+        :meth:`apply`."""
+        return self._writing(lambda: self._json_step(name, limit))
+
     def _writing(self, write: Callable[[], bool]) -> bool:
         """Run ``write`` (one write transaction) under the write lock,
         growing the map and retrying when it is full."""
@@ -562,14 +652,52 @@ class Mirror:
                 f"({exc.strerror}); nothing was written"
             ) from exc
 
+    def _json_render(self, definition: bytes | None) -> Callable[[bytes], bytes | None] | None:
+        """The JSON view's row of a record under ``definition`` (None for a
+        record that does not decode: readers render it, and report, as
+        without a view), or None when its records have no JSON form (an
+        opaque dataset, no definition yet)."""
+        if definition is None:
+            return None
+        if definition in self._renderers:
+            return self._renderers[definition]
+        codec = codec_from_definition(definition)
+        render: Callable[[bytes], bytes | None] | None = None
+        if codec.is_typed:
+            text = JsonRenderer(codec)
+
+            def render(value: bytes) -> bytes | None:
+                try:
+                    return bulk(text(value))
+                except Exception:  # the reader's path reports it
+                    return None
+
+        if len(self._renderers) >= 8:
+            self._renderers.clear()
+        self._renderers[definition] = render
+        return render
+
     def _apply(self, name: str, batch: Apply) -> bool:
         ds = self._state(name)
         now = self._clock()
         staged_meta = ds.staged_meta
+        json_from = ds.json_from
+        render = None
         txn = self._env.begin(write=True)
         try:
             if batch.target is Target.LIVE:
                 target = ds.live
+                if target.json is not None:
+                    definition = ds.definition if batch.meta is None else batch.meta.body
+                    render = self._json_render(definition)
+                    if not renders_alike(
+                        ds.definition,
+                        None if ds.cursor is None else ds.cursor.epoch,
+                        definition,
+                        None if batch.cursor is None else batch.cursor.epoch,
+                    ):  # its rows may be wrong now: empty, to be built again
+                        txn.drop(target.json, delete=False)
+                        json_from = b""
             elif batch.reset_staging or ds.staging is None:
                 staged_meta = batch.meta
                 definition = staged_meta.body if staged_meta else ds.definition
@@ -577,7 +705,7 @@ class Mirror:
             else:
                 target = ds.staging
                 staged_meta = batch.meta or staged_meta
-            changes, inserted = self._write_records(txn, target, batch)
+            changes, inserted = self._write_records(txn, target, batch, render)
             verify = batch.target is Target.LIVE or batch.promote
             assert not (verify and inserted[0]), "staged chunks are not verified"
             if (
@@ -589,10 +717,30 @@ class Mirror:
                 return False
             stage_key = b"stage/" + name.encode()
             if batch.target is Target.LIVE:
-                self._put_ds(txn, ds, ds.gen, batch.cursor, meta=batch.meta, synced_at=now)
+                self._put_ds(
+                    txn,
+                    ds,
+                    ds.gen,
+                    batch.cursor,
+                    meta=batch.meta,
+                    synced_at=now,
+                    json_from=json_from,
+                )
             elif batch.promote:
-                self._put_ds(txn, ds, target.gen, batch.cursor, meta=staged_meta, synced_at=now)
-                # its index is built from the first record on (see "Leaf index")
+                # its index and JSON view are built from the first record on
+                # (see "Leaf index" and "JSON view")
+                if ds.live.json is not None:
+                    json_from = b""
+                    txn.drop(ds.live.json, delete=False)
+                self._put_ds(
+                    txn,
+                    ds,
+                    target.gen,
+                    batch.cursor,
+                    meta=staged_meta,
+                    synced_at=now,
+                    json_from=json_from,
+                )
                 txn.put(_index_key(name), b"", db=self._meta)
                 txn.delete(stage_key, db=self._meta)
                 txn.drop(ds.live.records, delete=False)  # empty the old slot
@@ -627,6 +775,7 @@ class Mirror:
                 ds.cursor, ds.synced_at, ds.progress, ds.staged_meta = batch.cursor, now, None, None
             else:
                 ds.staging, ds.progress, ds.staged_meta = target, batch.progress, staged_meta
+            ds.json_from = json_from
             if self.on_commit is not None:
                 self.on_commit(name, batch)
         return True
@@ -636,8 +785,13 @@ class Mirror:
         leaves = self._env.open_db(_db_name("l", name, gen), txn=txn)
         txn.drop(records, delete=False)
         txn.drop(leaves, delete=False)
-        # staged chunks write no leaf index rows (see "Leaf index")
-        return _Gen(gen, records, leaves, MerkleTree(geometry), index_from=b"")
+        json = None
+        if self._state(name).live.json is not None:
+            json = self._env.open_db(_db_name("j", name, gen), txn=txn)
+            txn.drop(json, delete=False)
+        # staged chunks write no leaf index rows (see "Leaf index") and no
+        # JSON view rows (built after the promotion)
+        return _Gen(gen, records, leaves, MerkleTree(geometry), index_from=b"", json=json)
 
     def _index_step(self, name: str, limit: int) -> bool:
         ds = self._state(name)
@@ -670,10 +824,51 @@ class Mirror:
             gen.index_from = resume
         return resume is not None
 
+    def _json_step(self, name: str, limit: int) -> bool:
+        ds = self._state(name)
+        gen, start = ds.live, ds.json_from
+        if gen.json is None or start is None:
+            return False
+        render = self._json_render(ds.definition)
+        resume: bytes | None = None
+        txn = self._env.begin(write=True)
+        try:
+            cur = txn.cursor(db=gen.records)
+            if render is not None and cur.set_range(start):
+                rows: list[tuple[bytes, bytes]] = []
+                failed: list[bytes] = []
+                for n, (k, v) in enumerate(cur.iternext()):
+                    if n == limit:
+                        resume = k
+                        break
+                    out = render(v)
+                    if out is None:
+                        failed.append(k)
+                    else:
+                        rows.append((k, out))
+                txn.cursor(db=gen.json).putmulti(rows)
+                for k in failed:  # no row: readers render (and report) it
+                    txn.delete(k, db=gen.json)
+            self._put_ds(
+                txn, ds, ds.gen, ds.cursor, meta=None, synced_at=ds.synced_at, json_from=resume
+            )
+        except BaseException:
+            txn.abort()
+            raise
+        with self._state_lock:
+            txn.commit()
+            ds.json_from = resume
+        return resume is not None
+
     def _write_records(
-        self, txn: Any, gen: _Gen, batch: Apply
+        self,
+        txn: Any,
+        gen: _Gen,
+        batch: Apply,
+        render: Callable[[bytes], bytes | None] | None = None,
     ) -> tuple[list[tuple[int, int | None, int | None]], tuple[list[int], list[int]]]:
-        """Write the batch into ``gen``; return ``(leaf, old hash, new hash)``
+        """Write the batch into ``gen`` (and, with ``render``, the JSON view
+        rows of the records it changes); return ``(leaf, old hash, new hash)``
         per change, and the ``(leaves, hashes)`` of the keys a snapshot chunk
         inserted (new to the tree: :meth:`MerkleTree.insert_many`). Each
         key's leaf and each value's hash are computed once: they feed the
@@ -707,10 +902,20 @@ class Mirror:
             hashes = [h.to_bytes(16, "big") for h in new_hashes]
             txn.cursor(db=leaves).putmulti(list(zip(rows, hashes, strict=True)))
             changes += zip(new_leaves, old_hashes, new_hashes, strict=True)
+            if render is not None:
+                put, json = txn.put, gen.json
+                for key, value, _ in changed:
+                    out = render(value)
+                    if out is None:  # no row: readers render (and report) it
+                        txn.delete(key, db=json)
+                    else:
+                        put(key, out, db=json)
         for key in batch.deletes:
             old = txn.pop(key, db=records)
             if old is None:
                 continue
+            if render is not None:
+                txn.delete(key, db=gen.json)
             leaf = xxh3_64_intdigest(key) >> shift
             txn.delete(pack(leaf) + key, db=leaves)
             changes.append((leaf, entry_hash(key, bytes(old)), None))
@@ -759,7 +964,10 @@ class Mirror:
         *,
         meta: MetaBlob | None,
         synced_at: float | None,
+        json_from: bytes | None = None,
     ) -> None:
+        """Write ``ds/<name>``; with a JSON view, ``json_from`` is where its
+        build resumes (None: built)."""
         doc: dict[str, Any] = {
             "gen": gen,
             "epoch": None if cursor is None else cursor.epoch,
@@ -767,5 +975,6 @@ class Mirror:
             "meta_revision": ds.meta_revision if meta is None else meta.revision,
             "definition": ds.definition if meta is None else meta.body,
             "synced_at": synced_at,
+            "json": None if ds.live.json is None else {"from": json_from},
         }
         txn.put(b"ds/" + ds.name.encode(), msgpack.packb(doc, use_bin_type=True), db=self._meta)

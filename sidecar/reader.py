@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -148,6 +148,8 @@ class _Dataset:
     synced_at: float | None
     codec: DatasetCodec | None
     db: Any
+    json: Any = None
+    """The JSON view's database of the live slot (None: no view)."""
 
 
 def codec_from_definition(definition: bytes) -> DatasetCodec:
@@ -356,6 +358,31 @@ class Snapshot:
         get: Callable[[bytes], bytes | memoryview | None] = self._txn.cursor(db=ds.db).get
         return get, ds.codec, ds.cursor
 
+    def json_fetcher(self, dataset: str) -> Callable[[bytes], bytes | None] | None:
+        """For a dataset with a JSON view (the sidecar's ``json_views``,
+        docs/FORMAT.md): ``get(key)``, the record's JSON as the socket's HGET
+        replies it (a RESP bulk string: ``$<length>`` CR LF, the JSON, CR
+        LF), or None when the view has no row for the key -- no record, or
+        one it has not rendered yet: read the record (:meth:`fetcher`). None
+        when there is no view to read, and when this reader refuses the
+        dataset's stale data (:meth:`fetcher` refuses it)."""
+        ds = self._dataset(dataset)
+        if ds.json is None or ds.cursor is None:
+            return None
+        try:
+            self._reader._is_stale(ds)
+        except StaleDataError:
+            return None
+        get: Callable[[bytes], bytes | memoryview | None] = self._txn.cursor(db=ds.json).get
+        if not self._buffers:
+            return get  # type: ignore[return-value]  # bytes in a snapshot without buffers
+
+        def copied(key: bytes) -> bytes | None:
+            out = get(key)
+            return None if out is None else bytes(out)
+
+        return copied
+
     def raw(self, dataset: str, key: bytes) -> memoryview | None:
         """The stored bytes, zero-copy from the memory map: valid only until
         this snapshot ends (a view of a copy in a snapshot without buffers)."""
@@ -423,7 +450,7 @@ class Reader:
                     str(self.path),
                     readonly=True,
                     lock=True,
-                    max_dbs=2 * max_datasets + 1,
+                    max_dbs=4 * max_datasets + 1,
                     create=False,
                     map_size=map_size,
                 )
@@ -569,12 +596,13 @@ class Reader:
                 self._snapshots_done.notify_all()
 
     def _open_handles(self, name: str) -> None:
-        """Open both generation slots of ``name`` (outside any transaction)."""
+        """Open both generation slots of ``name`` (outside any transaction),
+        and its JSON view's if it has one."""
         with self._handles_lock:
             for slot in (0, 1):
                 dbname = f"d/{name}/{slot}".encode()
                 if dbname not in self._dbs:
-                    if len(self._dbs) >= 2 * self.max_datasets:
+                    if sum(k[:2] == b"d/" for k in self._dbs) >= 2 * self.max_datasets:
                         raise StorageError(
                             f"this reader opens at most {self.max_datasets} datasets "
                             "(Reader(max_datasets=...))"
@@ -583,6 +611,11 @@ class Reader:
                         self._dbs[dbname] = self._env.open_db(dbname, create=False)
                     except lmdb.NotFoundError:
                         raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
+            for slot in (0, 1):
+                dbname = f"j/{name}/{slot}".encode()
+                if dbname not in self._dbs:
+                    with suppress(lmdb.NotFoundError):  # no JSON view (yet)
+                        self._dbs[dbname] = self._env.open_db(dbname, create=False)
 
     def _resolve(self, txn: Any, name: str) -> _Dataset:
         raw = txn.get(b"ds/" + name.encode(), db=self._meta)
@@ -607,7 +640,12 @@ class Reader:
         db = self._dbs.get(f"d/{name}/{gen % 2}".encode())
         if db is None:
             raise _HandlesMissingError(name)
-        ds = _Dataset(raw, gen, cursor, doc.get("synced_at"), codec, db)
+        json = None
+        if doc.get("json") is not None and codec is not None and codec.is_typed:
+            # absent when the view began after this reader opened the
+            # dataset: it reads the records, as without a view
+            json = self._dbs.get(f"j/{name}/{gen % 2}".encode())
+        ds = _Dataset(raw, gen, cursor, doc.get("synced_at"), codec, db, json)
         self._cache[name] = ds
         return ds
 

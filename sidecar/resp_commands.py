@@ -86,6 +86,8 @@ class ReadView(Protocol):
 
     def raw(self, dataset: str, key: bytes) -> memoryview | None: ...
 
+    def json_fetcher(self, dataset: str) -> Callable[[bytes], bytes | None] | None: ...
+
     def count(self, dataset: str) -> int: ...
 
 
@@ -548,6 +550,15 @@ class Dispatcher:
                 store(bytes(raw), out)  # a view dies with its snapshot (bytes: as is)
             return out
 
+        if codec.is_typed and (stored := v.json_fetcher(dataset)) is not None:
+            # the mirror's JSON view holds the replies: render only the
+            # records it has no row for (not built yet, not decodable)
+            def reply_stored(key: bytes) -> bytes | None:
+                out = stored(key)
+                return reply(key) if out is None else out
+
+            repliers[dataset] = reply_stored
+            return reply_stored
         repliers[dataset] = reply
         return reply
 

@@ -803,3 +803,37 @@ def test_a_live_socket_or_a_file_is_not_replaced(
     c = Resp(live)  # the live one still serves
     assert c.call("PING") == "PONG"
     c.close()
+
+
+def test_a_json_view_serves_the_same_bytes_and_follows_writes(
+    env: Env, tmp_path: Path, served: tuple[SidecarProcess, Path]
+) -> None:
+    """A sidecar keeping a JSON view of ``up`` (built in the background
+    after its bootstrap) replies to HGET and HMGET with the bytes of a
+    sidecar that renders, and a write reaches its view."""
+    path = Path(f"/tmp/sidecar-json-{os.getpid()}.sock")  # short: AF_UNIX paths
+    extra = {"SIDECAR_SOCKET": str(path), "SIDECAR_JSON_VIEWS": "up"}
+    with SidecarProcess(tmp_path / "s", env.origin.base_url, ["up"], extra_env=extra) as sc:
+        sc.wait_ready()
+        sc.wait_until(lambda st: st["datasets"]["up"]["json_view"] == "built")
+        wait_socket(path, sc)
+        viewed, plain = Resp(path), Resp(served[1])
+        try:
+            keys: list[bytes | str] = [b"user:%04d" % i for i in range(0, RECORDS, 7)]
+            keys.append(b"user:9999")
+            for c in (viewed, plain):
+                c.send(*[["HGET", "up", k] for k in keys], ["HMGET", "up", *keys])
+            got = [viewed.read() for _ in range(len(keys) + 1)]
+            assert got == [plain.read() for _ in range(len(keys) + 1)]
+            assert json.loads(got[0]) == expected(0)
+            version = write(env.client, "up", {b"user:0000": seed_like_record(4242)})
+            sc.wait_version("up", version)
+            assert json.loads(viewed.call("HGET", "up", "user:0000")) == expected(4242)
+            assert sc.status()["datasets"]["up"]["json_view"] == "built"
+            # as it was, for the module's other tests
+            served[0].wait_version(
+                "up", write(env.client, "up", {b"user:0000": seed_like_record(0)})
+            )
+        finally:
+            viewed.close()
+            plain.close()
