@@ -19,8 +19,10 @@ asks for. The anchor holds, in one hash per dataset, exactly the bytes our
   of random keys over the whole dataset (almost every read decodes the
   record and renders its JSON), and ``HGET profile_json`` of random keys,
   an opaque dataset holding the same JSON as its values (no rendering:
-  the value is the stored bytes). The anchor answers all three from a
-  hash of the JSON strings.
+  the value is the stored bytes), and ``HGET profile_view`` of random keys:
+  the typed records again, in a dataset the sidecar keeps a JSON view of
+  (``json_views``: the replies stored beside the records at apply time).
+  The anchor answers all four from a hash of the JSON strings.
 * **Reads while a diff applies**: a probe process sends ``HGET`` of random
   keys at 1,000/s on one connection and stamps each round trip
   (CLOCK_MONOTONIC, shared by every process of the host). p99 of the
@@ -69,6 +71,8 @@ from sidecar import Reader
 
 TYPED = "user_profile"
 OPAQUE = "profile_json"
+VIEWED = "profile_view"
+"""The typed records again, in a dataset the sidecar keeps a JSON view of."""
 CLIENTS = 50
 LOAD_BATCH = 10_000
 PROBE_RATE = 1000.0
@@ -130,15 +134,17 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
         schema = seed_like_schema().to_json()
         client.post("/v1/datasets", json={"name": TYPED, "schema": schema}).raise_for_status()
         client.post("/v1/datasets", json={"name": OPAQUE, "opaque": True}).raise_for_status()
+        client.post("/v1/datasets", json={"name": VIEWED, "schema": schema}).raise_for_status()
         for s in range(0, n, LOAD_BATCH):
             span = range(s, min(n, s + LOAD_BATCH))
             _post(client, TYPED, {_key(i): seed_like_record(i) for i in span})
+            _post(client, VIEWED, {_key(i): seed_like_record(i) for i in span})
             _post(client, OPAQUE, {_key(i): _json(i, codec) for i in span})
     sock, mirror = tmp / "sidecar.sock", tmp / "mirror"
     hport = free_port()
     sidecar_cmd = [
         sys.executable, "-m", "sidecar", "run", "--origin", url,
-        "--datasets", f"{TYPED},{OPAQUE}", "--data", str(mirror),
+        "--datasets", f"{TYPED},{OPAQUE},{VIEWED}", "--json-views", VIEWED, "--data", str(mirror),
         "--health", f"127.0.0.1:{hport}", "--socket", str(sock), "--log-format", "json",
     ]  # fmt: skip
     sidecar = Proc(sidecar_cmd, tmp / "sidecar.log")
@@ -146,6 +152,7 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
     health = f"http://127.0.0.1:{hport}"
     wait("sidecar", sidecar, lambda: httpx.get(health + "/readyz").status_code == 200, 600)
     wait("sidecar socket", sidecar, _pings(sock), 30)
+    wait("sidecar JSON view", sidecar, lambda: _view_built(health), 600)
     redis_sock = None
     if have_redis:
         redis_sock = tmp / "redis.sock"
@@ -158,6 +165,11 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
         wait("redis-server", redis_proc, _pings(redis_sock), 30)
         _load_redis(redis_sock, n, codec)
     return _Setup(url, health, sock, redis_sock, mirror)
+
+
+def _view_built(health: str) -> bool:
+    doc = httpx.get(health + "/status").json()
+    return bool(doc["datasets"][VIEWED]["json_view"] == "built")
 
 
 def _post(client: httpx.Client, dataset: str, upserts: dict[bytes, Any]) -> int:
@@ -180,10 +192,10 @@ def _load_redis(path: Path, n: int, codec: DatasetCodec) -> None:
             out = bytearray()
             for i in range(start, min(n, start + 1000)):
                 value = _json(i, codec)
-                for name in (TYPED.encode(), OPAQUE.encode()):
+                for name in (TYPED.encode(), OPAQUE.encode(), VIEWED.encode()):
                     out += _command([b"HSET", name, _key(i), value])
             s.sendall(out)
-            want = 2 * (min(n, start + 1000) - start)
+            want = 3 * (min(n, start + 1000) - start)
             got = b""
             while got.count(b"\r\n") < want:
                 chunk = s.recv(1 << 16)
@@ -238,6 +250,11 @@ def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
             f"HGET profile_json <random key of {n:,}> (opaque: the stored JSON bytes)",
             [*rand, "HGET", OPAQUE, "user:__rand_int__"],
             [*rand, "HGET", OPAQUE, "user:__rand_int__"],
+        ),
+        _Case(
+            f"HGET profile_view <random key of {n:,}> (typed, JSON view: stored replies)",
+            [*rand, "HGET", VIEWED, "user:__rand_int__"],
+            [*rand, "HGET", VIEWED, "user:__rand_int__"],
         ),
     ]
     runs = 1 if quick else 3

@@ -21,6 +21,9 @@ named database             contents
                            encoded them
 ``l/<name>/<gen % 2>``     Merkle leaf index: leaf (4 bytes BE) + key -> the
                            entry's 128-bit hash (16 bytes BE)
+``j/<name>/<gen % 2>``     the JSON view (only for datasets in ``json_views``):
+                           key -> HGET's reply, a RESP bulk string of the
+                           record's JSON
 =========================  ====================================================
 
 A reader begins a read transaction, reads ``ds/<name>`` and then
@@ -64,6 +67,20 @@ instead of failing the write, so the data file's blocks are reserved
 full disk is a clean error there (nothing written, the last version kept),
 never in the middle of a transaction. The map starts small (64 MiB by
 default) and doubles, so the reservation stays within twice the data.
+
+JSON view: for the typed datasets in ``json_views``, every apply to the
+live generation also writes (or deletes) the view rows of the records it
+changes, rendered under the definition after the batch. Every row present
+is right; a row may be missing, and a reader then renders the record. When
+the rendering of stored records may change -- a LIVE batch bringing
+another schema list or origin epoch (``renders_alike``), a snapshot
+promotion -- the view is emptied in that transaction and ``json/from`` in
+``ds/<name>`` is set to the empty key; :meth:`Mirror.json_step` then
+renders the records in key order, a thousand per write transaction, and
+records where it resumes there (nil: built). Snapshot chunks write no rows.
+A dataset named in ``json_views`` for the first time starts empty and is
+built the same way; one no longer named has its view emptied (the
+databases stay: readers may hold handles to them) at open.
 
 The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
 generation (and one for a staging generation), rebuilt at start-up from the

@@ -5,6 +5,7 @@ sidecar code wrote, and agree with the origin."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import struct
@@ -218,3 +219,31 @@ def test_mdb_dump_reads_the_same_mirror(mirror_dir: tuple[Path, OriginStore]) ->
     assert {k: fmt_decode(v, definition) for k, v in records.items()} == {
         k: codec.decode(v) for k, v in records.items()
     }
+
+
+@pytest.mark.skipif(
+    shutil.which("mdb_dump") is None, reason="mdb_dump not installed (apt-get install lmdb-utils)"
+)
+def test_mdb_dump_reads_the_json_view(mirror_dir: tuple[Path, OriginStore]) -> None:
+    """The JSON view as the document describes it: per key, a RESP bulk
+    string of the record's JSON; ``json`` in the dataset record says it is
+    built."""
+    path, origin = mirror_dir
+    mirror = Mirror(path, durable=False, json_views=["up"])
+    while mirror.json_step("up"):
+        pass
+    mirror.close()
+    meta = _mdb_dump(path, "meta")
+    doc = msgpack.unpackb(meta[b"ds/up"], raw=False)
+    assert doc["json"] == {"from": None}
+    rows = _mdb_dump(path, f"j/up/{doc['gen'] % 2}")
+    codec = origin.codec("up")
+    raw = origin_raw(origin, "up")
+    assert set(rows) == set(raw)
+    for key, row in rows.items():
+        head, _, rest = row.partition(b"\r\n")
+        assert head[:1] == b"$" and rest.endswith(b"\r\n")
+        text = rest[:-2]
+        assert int(head[1:]) == len(text)
+        assert json.loads(text) == codec.decode(raw[key]), key
+    assert msgpack.unpackb(meta[b"ds/blobs"], raw=False)["json"] is None
