@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import Row
 
-MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar", "reader", "reads"]
+MODULES = ["codec", "merkle", "version_queue", "origin", "sidecar", "reader", "reads", "json_view"]
 MODULES += ["simulations"]  # the simulation harness's speed (bench_simulations.py)
 
 

@@ -920,13 +920,13 @@ class Mirror:
             txn.cursor(db=leaves).putmulti(list(zip(rows, hashes, strict=True)))
             changes += zip(new_leaves, old_hashes, new_hashes, strict=True)
             if render is not None:
-                put, json = txn.put, gen.json
-                for key, value, _ in changed:
-                    out = render(value)
+                outs = [render(value) for _, value, _ in changed]
+                txn.cursor(db=gen.json).putmulti(
+                    [(c[0], out) for c, out in zip(changed, outs, strict=True) if out is not None]
+                )
+                for c, out in zip(changed, outs, strict=True):
                     if out is None:  # no row: readers render (and report) it
-                        txn.delete(key, db=json)
-                    else:
-                        put(key, out, db=json)
+                        txn.delete(c[0], db=gen.json)
         for key in batch.deletes:
             old = txn.pop(key, db=records)
             if old is None:
