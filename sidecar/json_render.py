@@ -163,8 +163,8 @@ def renders_alike(
     a, b = msgpack.unpackb(old, raw=False), msgpack.unpackb(new, raw=False)
     if a.get("schemas") != b.get("schemas"):
         return False
-    old_fields = a["dictionary"]["fields"]
-    new_fields = b["dictionary"]["fields"]
+    old_fields = (a.get("dictionary") or {}).get("fields") or {}
+    new_fields = (b.get("dictionary") or {}).get("fields") or {}
     return all(
         new_fields.get(name, [])[: len(strings)] == strings for name, strings in old_fields.items()
     )

@@ -52,7 +52,9 @@ Checks (any failure prints the seed and the command that replays it):
    through ``POST /v1/sync`` (a one-chunk snapshot, decoded with the
    dataset's own definition).
 2. **Convergence**: every mirror (read with :class:`sidecar.reader.Reader`)
-   holds the origin's cursor and exactly its records, byte for byte.
+   holds the origin's cursor and exactly its records, byte for byte; the
+   sidecars keep a JSON view of ``typed`` (``json_views``), which must be
+   built and hold, for every record and no other key, the record's reply.
 3. **No torn reads**: the reader processes (``tests/chaos_reader.py``) saw,
    under every cursor, one digest only -- the one the origin acknowledged for
    that version when it is known (a version whose batch was in doubt has no
@@ -95,6 +97,7 @@ import msgpack
 from replicad.frames import FrameDecoder, encode_frame
 from replicad.merkle import EMPTY_DIGEST, Digest, entry_hash
 from replicad.messages import SnapshotChunk, SnapshotRequest, from_wire, to_wire
+from sidecar.json_render import JsonRenderer, bulk
 from sidecar.reader import Reader, codec_from_definition
 from tests.origin_proc import ROOT, OriginProcess, free_port
 from tests.sidecar_proc import SidecarProcess
@@ -119,6 +122,7 @@ SIDECAR_ENV = {
     "SIDECAR_MAX_MAP_SIZE_MB": "512",
     "SIDECAR_REQUEST_TIMEOUT": "3",
     "SIDECAR_ACK_INTERVAL": "1",
+    "SIDECAR_JSON_VIEWS": "typed",  # kept through every crash (check 2)
 }
 
 
@@ -885,7 +889,7 @@ class Trial:
                 mine = status["datasets"][ds]
                 if mine["epoch"] != info["epoch"] or mine["version"] != info["version"]:
                     return False
-            return True
+            return bool(status["datasets"]["typed"]["json_view"] == "built")
 
         deadline = start + self.converge_timeout
         for node in self.nodes.values():
@@ -927,6 +931,29 @@ class Trial:
         if not isinstance(chunk, SnapshotChunk) or chunk.next_after is not None:
             raise self.fail(f"snapshot of {ds}: not one whole chunk")
         return chunk
+
+    def _check_json_view(
+        self, name: str, snap: Any, chunk: SnapshotChunk, records: dict[bytes, bytes]
+    ) -> None:
+        """Every row of the JSON view is its record's reply (a row may be
+        missing while the view is rebuilt), and no key without a record has
+        one; caught up, the view is built: every record has its row."""
+        fetch = snap.json_fetcher("typed")
+        if fetch is None or chunk.meta is None:
+            raise self.fail(f"{name}/typed: no JSON view")
+        render = JsonRenderer(codec_from_definition(chunk.meta.body))
+        for key in set(universe("typed")) | set(records):
+            row = fetch(key)
+            if row is None:
+                if key in records:
+                    raise self.fail(f"{name}/typed: the built JSON view has no row for {key!r}")
+                continue
+            if key not in records:
+                raise self.fail(f"{name}/typed: a JSON view row for {key!r}, which has no record")
+            if row != bulk(render(records[key])):
+                raise self.fail(
+                    f"{name}/typed: the JSON view's row for {key!r} is not its record's"
+                )
 
     def check(self) -> None:
         acked: dict[str, Digest] = {}
@@ -996,6 +1023,8 @@ class Trial:
                     mine = [(k, bytes(snap.raw(ds, k) or b"")) for k in keys]
                     if mine != sorted(origin[ds].records):
                         raise self.fail(f"{node.name}/{ds}: content differs from the origin's")
+                    if ds == "typed":
+                        self._check_json_view(node.name, snap, origin[ds], dict(mine))
         # 3. readers: one digest per cursor, the acknowledged one when known
         self.stopfile.touch()
         for node in self.nodes.values():
