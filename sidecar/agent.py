@@ -71,10 +71,11 @@ class SyncTransport(Protocol):
 
 
 INDEX_RETRY = 5.0
+"""Seconds before a background build (leaf index, JSON view) tries again
+after a storage error."""
 JSON_VIEW_CHECK = 1.0
 """Seconds between looks for a JSON view a diff emptied (a definition
 change); a snapshot load wakes the builder at once."""
-"""Seconds before the leaf index build tries again after a storage error."""
 LARGE_BATCH = 1_000
 """Batches of at least this many records are applied in the lowered apply
 thread; smaller ones (pushed versions, most diffs) at full priority, so that

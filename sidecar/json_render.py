@@ -73,6 +73,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
 
+RENDERING = "1 " + (f"orjson {_orjson.__version__}" if _orjson is not None else "json")
+"""What produced a rendering: this module's revision (raised when its output
+changes) and the encoder. Stored JSON (the mirror's JSON view) made by
+another is rendered again: the same values, maybe other bytes."""
+
+
 def to_json(value: Any) -> bytes:
     """Strict JSON (UTF-8) of a record or field value: bytes as
     ``{"base64": ...}``, NaN and infinities as strings. Uses orjson when it

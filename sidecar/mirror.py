@@ -79,8 +79,12 @@ promotion -- the view is emptied in that transaction and ``json/from`` in
 renders the records in key order, a thousand per write transaction, and
 records where it resumes there (nil: built). Snapshot chunks write no rows.
 A dataset named in ``json_views`` for the first time starts empty and is
-built the same way; one no longer named has its view emptied (the
-databases stay: readers may hold handles to them) at open.
+built the same way, as is a view another renderer made (``rendering`` in
+the record: ``json_render.RENDERING``); one no longer named has its view
+emptied (the databases stay: readers may hold handles to them) at open. A
+definition this process cannot build a codec from renders nothing (the
+view empties and stays empty), and a map full at its maximum size drops
+every view until the next start rather than fail the write.
 
 The in-memory part is one :class:`~replicad.merkle.MerkleTree` per live
 generation (and one for a staging generation), rebuilt at start-up from the
@@ -91,6 +95,7 @@ transaction commits.
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import threading
@@ -116,8 +121,10 @@ from replicad.lmdb_scan import LmdbDatasetView
 from replicad.merkle import Digest, Geometry, LeafEntries, MerkleTree, entry_hash
 from replicad.messages import Cursor, MetaBlob
 from replicad.replica import Apply, ReplicaState, SnapshotProgress, Target
-from sidecar.json_render import JsonRenderer, bulk, renders_alike
+from sidecar.json_render import RENDERING, JsonRenderer, bulk, renders_alike
 from sidecar.reader import codec_from_definition
+
+log = logging.getLogger("sidecar.mirror")
 
 MAX_DATASETS = 64
 """Default bound on datasets per mirror (six LMDB databases each): LMDB's
@@ -270,6 +277,9 @@ class Mirror:
         """The datasets whose JSON view this mirror keeps (see "JSON view" in
         the module doc); the others' views are emptied at open."""
         self._renderers: dict[bytes, Callable[[bytes], bytes | None] | None] = {}
+        self._rendered_by: dict[str, str | None] = {}
+        """Views found rendered by another renderer (``RENDERING``) at open."""
+        self._views_dropped: set[str] = set()
         self.max_map_size = max(map_size, max_map_size)
         self._clock = clock
         self._write_lock = threading.Lock()
@@ -321,6 +331,7 @@ class Mirror:
     # ------------------------------------------------------------ start-up
 
     def _load(self) -> None:
+        rendered_by = self._rendered_by
         with self._env.begin() as txn:
             rows = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._meta)}
         held = sum(1 for key in rows if key.startswith(b"ds/"))
@@ -341,6 +352,8 @@ class Mirror:
                 definition = doc["definition"]
                 view = doc.get("json")
                 json_from = None if view is None else view["from"]
+                if view is not None and view.get("rendering") != RENDERING:
+                    rendered_by[name] = view.get("rendering")
                 stage_raw = rows.get(b"stage/" + name.encode())
                 progress = None
                 staged_meta = None
@@ -388,11 +401,12 @@ class Mirror:
 
     def _reconcile_json_views(self) -> None:
         """Start the JSON view of each dataset in ``json_views`` that has
-        none (empty, to be built), and empty and stop the others'."""
+        none (empty, to be built), empty and stop the others', and empty (to
+        be built again) the views another renderer made."""
         turned = [
             ds
             for name, ds in self._datasets.items()
-            if (name in self.json_views) != (ds.live.json is not None)
+            if (name in self.json_views) != (ds.live.json is not None) or name in self._rendered_by
         ]
         if not turned:
             return
@@ -512,10 +526,11 @@ class Mirror:
         return [n for n, ds in sorted(self._datasets.items()) if ds.live.index_from is not None]
 
     def json_view_state(self, name: str) -> str:
-        """``"off"``, ``"building"`` or ``"built"``."""
+        """``"off"``, ``"building"``, ``"built"``, or ``"dropped"``: emptied
+        and stopped until the next start because the map was full."""
         ds = self._state(name)
         if ds.live.json is None:
-            return "off"
+            return "dropped" if name in self._views_dropped else "off"
         return "built" if ds.json_from is None else "building"
 
     def json_unbuilt(self) -> list[str]:
@@ -632,6 +647,8 @@ class Mirror:
                     return write()
                 except lmdb.MapFullError as exc:
                     size = self._env.info()["map_size"]
+                    if size >= self.max_map_size and self._drop_views():
+                        continue  # an optional copy never stops the sync
                     if size >= self.max_map_size:
                         raise MapFullError(
                             f"mirror full at its maximum map size ({size >> 20} MiB)"
@@ -639,6 +656,36 @@ class Mirror:
                     self._grow(min(size * 2, self.max_map_size))
                 except lmdb.Error as exc:
                     raise StorageError(f"mirror write failed: {exc}") from exc
+
+    def _drop_views(self) -> bool:
+        """Empty and stop every JSON view (until the next start), in one
+        write transaction; whether there was one."""
+        dropped = [ds for ds in self._datasets.values() if ds.live.json is not None]
+        if not dropped:
+            return False
+        try:
+            with self._env.begin(write=True) as txn:
+                for ds in dropped:
+                    for gen in (ds.live, ds.staging):
+                        if gen is not None and gen.json is not None:
+                            txn.drop(gen.json, delete=False)
+                    self._put_ds(
+                        txn, ds, ds.gen, ds.cursor, meta=None, synced_at=ds.synced_at, view=False
+                    )
+        except lmdb.MapFullError:
+            return False
+        with self._state_lock:
+            for ds in dropped:
+                ds.live.json, ds.json_from = None, None
+                if ds.staging is not None:
+                    ds.staging.json = None
+                self._views_dropped.add(ds.name)
+        log.error(
+            "the mirror's map is full at its maximum size: JSON views dropped until the "
+            "next start (raise max_map_size_mb)",
+            extra={"datasets": [ds.name for ds in dropped]},
+        )
+        return True
 
     def _grow(self, size: int) -> None:
         """Grow the map once no read transaction of this process is open,
@@ -678,9 +725,12 @@ class Mirror:
             return None
         if definition in self._renderers:
             return self._renderers[definition]
-        codec = codec_from_definition(definition)
         render: Callable[[bytes], bytes | None] | None = None
-        if codec.is_typed:
+        try:
+            codec = codec_from_definition(definition)
+        except Exception:  # one this sidecar cannot read (its readers cannot either)
+            codec = None
+        if codec is not None and codec.is_typed:
             text = JsonRenderer(codec)
 
             def render(value: bytes) -> bytes | None:
@@ -982,9 +1032,13 @@ class Mirror:
         meta: MetaBlob | None,
         synced_at: float | None,
         json_from: bytes | None = None,
+        view: bool | None = None,
     ) -> None:
-        """Write ``ds/<name>``; with a JSON view, ``json_from`` is where its
-        build resumes (None: built)."""
+        """Write ``ds/<name>``; with a JSON view (``view``, by default
+        whether the dataset has one), ``json_from`` is where its build
+        resumes (None: built)."""
+        if view is None:
+            view = ds.live.json is not None
         doc: dict[str, Any] = {
             "gen": gen,
             "epoch": None if cursor is None else cursor.epoch,
@@ -992,6 +1046,6 @@ class Mirror:
             "meta_revision": ds.meta_revision if meta is None else meta.revision,
             "definition": ds.definition if meta is None else meta.body,
             "synced_at": synced_at,
-            "json": None if ds.live.json is None else {"from": json_from},
+            "json": {"from": json_from, "rendering": RENDERING} if view else None,
         }
         txn.put(b"ds/" + ds.name.encode(), msgpack.packb(doc, use_bin_type=True), db=self._meta)

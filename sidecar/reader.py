@@ -33,7 +33,8 @@ reader inside the sidecar, where the mirror must be able to pause readers
 to grow its map), every read takes a new transaction instead.
 
 ``max_datasets`` bounds the datasets one reader opens (two LMDB databases
-each): LMDB's cost of beginning a transaction grows with that bound.
+each, four with a JSON view): LMDB's cost of beginning a transaction grows
+with that bound.
 
 The writer may grow the map at any time. This reader maps 1 TiB of address
 space up front, so it never has to follow; with a smaller ``map_size``, a

@@ -26,6 +26,7 @@ from replicad.replica import ReplicaSync
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.schema import Field, FieldType, Schema
 from replicad.store import OriginStore
+from sidecar.json_render import RENDERING
 from sidecar.mirror import Mirror
 
 # --- an independent reader, from docs/FORMAT.md only -------------------------
@@ -235,7 +236,7 @@ def test_mdb_dump_reads_the_json_view(mirror_dir: tuple[Path, OriginStore]) -> N
     mirror.close()
     meta = _mdb_dump(path, "meta")
     doc = msgpack.unpackb(meta[b"ds/up"], raw=False)
-    assert doc["json"] == {"from": None}
+    assert doc["json"] == {"from": None, "rendering": RENDERING}
     rows = _mdb_dump(path, f"j/up/{doc['gen'] % 2}")
     codec = origin.codec("up")
     raw = origin_raw(origin, "up")

@@ -19,7 +19,7 @@ from replicad.replica import ReplicaSync, SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.schema import Field, FieldType, Schema
 from replicad.store import OriginStore
-from sidecar.json_render import JsonRenderer, bulk, renders_alike, to_json
+from sidecar.json_render import RENDERING, JsonRenderer, bulk, renders_alike, to_json
 from sidecar.mirror import Mirror
 from sidecar.reader import Reader, codec_from_definition
 from sidecar.resp_commands import Dispatcher, ServerFacts, Session
@@ -286,3 +286,95 @@ def test_renders_alike() -> None:
     assert not renders_alike(a, e1, a, e2)
     assert not renders_alike(None, None, a, e1)
     assert renders_alike(None, None, None, None)
+
+
+def test_a_definition_the_view_cannot_read_empties_it_and_stops_nothing(
+    tmp_path: Path, origin: OriginStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A definition this sidecar cannot build a codec from (say, an origin
+    newer than it) must not stop the sync: the view is emptied (its rows
+    may be wrong now) and holds nothing while it lasts."""
+    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
+    sync, driver = connect(mirror, origin)
+    driver.run(0.0)
+    build(mirror)
+    old = seed_like_schema()
+    origin.evolve_schema(
+        "up", Schema(old.version + 1, (*old.fields, Field("x", FieldType.INT, nullable=True)))
+    )
+    ok(origin.commit([WriteBatch("up", {b"u00003": {**seed_like_record(3), "x": 1}})])[0])
+    evolved = origin.codec("up")
+    real = codec_from_definition
+
+    def unreadable(definition: bytes) -> Any:
+        if b"\xa1x" in definition:  # the field "x", a msgpack string
+            raise ValueError("field type 'uuid' is unknown")
+        return real(definition)
+
+    monkeypatch.setattr("sidecar.mirror.codec_from_definition", unreadable)
+    follow(sync, driver, origin, 1.0)
+    assert mirror.cursor("up") == origin.info("up").cursor
+    assert rows(mirror) == {}
+    build(mirror)
+    assert rows(mirror) == {} and mirror.json_view_state("up") == "built"
+    assert evolved.decode(mirror.items("up")[b"u00003"])["x"] == 1
+    mirror.close()
+
+
+def test_a_view_made_by_another_renderer_is_built_again(
+    tmp_path: Path, origin: OriginStore
+) -> None:
+    """Rows rendered by another release or encoder (orjson and the standard
+    library spell some numbers differently) are not served: the view is
+    emptied at open and built again."""
+    path = tmp_path / "m"
+    mirror = Mirror(path, durable=False, json_views=["up"])
+    _, driver = connect(mirror, origin)
+    driver.run(0.0)
+    build(mirror)
+    with mirror.env.begin(write=True) as txn:
+        doc = msgpack.unpackb(txn.get(b"ds/up", db=mirror._meta), raw=False)
+        assert doc["json"]["rendering"] == RENDERING
+        doc["json"]["rendering"] = "0 an older renderer"
+        txn.put(b"ds/up", msgpack.packb(doc, use_bin_type=True), db=mirror._meta)
+    mirror.close()
+    mirror = Mirror(path, durable=False, json_views=["up"])
+    assert mirror.json_view_state("up") == "building" and rows(mirror) == {}
+    build(mirror)
+    assert_right(mirror, built=True)
+    mirror.close()
+    mirror = Mirror(path, durable=False, json_views=["up"])  # its own: kept
+    assert mirror.json_view_state("up") == "built"
+    mirror.close()
+
+
+def test_a_full_map_drops_the_views_instead_of_the_sync(
+    tmp_path: Path, origin: OriginStore
+) -> None:
+    """At its maximum size, a map that cannot take a diff with the views
+    takes it without them: the views are emptied and stopped until the next
+    start, which builds them again."""
+    path = tmp_path / "m"
+    mirror = Mirror(path, durable=False, json_views=["up"], map_size=1 << 20, max_map_size=1 << 20)
+    sync, driver = connect(mirror, origin)
+    driver.run(0.0)
+    build(mirror)
+    upserts = {b"v%05d" % i: seed_like_record(i) for i in range(2000)}
+    ok(origin.commit([WriteBatch("up", upserts)])[0])
+    follow(sync, driver, origin, 1.0)
+    assert mirror.cursor("up") == origin.info("up").cursor
+    assert mirror.json_view_state("up") == "dropped"
+    with mirror.read() as txn:
+        assert msgpack.unpackb(txn.get(b"ds/up", db=mirror._meta), raw=False)["json"] is None
+    mirror.close()
+    reader = Reader(path, idle_release=0)
+    try:
+        with reader.snapshot() as snap:
+            assert snap.json_fetcher("up") is None
+    finally:
+        reader.close()
+    mirror = Mirror(path, durable=False, json_views=["up"], map_size=8 << 20)
+    assert mirror.json_view_state("up") == "building"
+    build(mirror)
+    assert_right(mirror, built=True)
+    mirror.close()
