@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import lmdb
 import msgpack
 import pytest
 import redis
@@ -826,6 +827,18 @@ def test_a_json_view_serves_the_same_bytes_and_follows_writes(
             got = [viewed.read() for _ in range(len(keys) + 1)]
             assert got == [plain.read() for _ in range(len(keys) + 1)]
             assert json.loads(got[0]) == expected(0)
+            # and the workers do read the view: a row changed behind the
+            # sidecar's back (LMDB serializes writers across processes) is
+            # what they answer
+            env_ = lmdb.open(str(tmp_path / "s" / "mirror"), max_dbs=64, writemap=True)
+            try:
+                with env_.begin(write=True) as txn:
+                    gen = msgpack.unpackb(txn.get(b"ds/up", db=env_.open_db(b"meta", txn=txn)))
+                    view = env_.open_db(f"j/up/{gen['gen'] % 2}".encode(), txn=txn, create=False)
+                    txn.put(b"user:0007", b'$12\r\n{"marked":1}\r\n', db=view)
+            finally:
+                env_.close()
+            assert viewed.call("HGET", "up", "user:0007") == b'{"marked":1}'
             version = write(env.client, "up", {b"user:0000": seed_like_record(4242)})
             sc.wait_version("up", version)
             assert json.loads(viewed.call("HGET", "up", "user:0000")) == expected(4242)
