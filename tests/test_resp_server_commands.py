@@ -283,6 +283,28 @@ def test_schema_evolution_reaches_cached_records(world: World) -> None:
     assert world.run("HGETFIELDS", "up", "u900", "score") == [b"1"]
 
 
+def test_keys_asked_again_and_again_in_one_view(world: World) -> None:
+    """A pipeline asking for the same keys over and over (a hot key: the
+    replier answers it from its last reply) gets each key's own record, and
+    the next view after a write gets the new one."""
+    three, four = (b"HGET", b"up", b"u003"), (b"HGET", b"up", b"u004")
+    order = [three, three, three, four, four, three, four, three, three]
+
+    def replies() -> list[dict[str, Any]]:
+        wire = world.wire(*[list(c) for c in order])
+        out: list[dict[str, Any]] = []
+        while wire:
+            head, _, wire = wire.partition(b"\r\n")
+            body, wire = wire[: int(head[1:])], wire[int(head[1:]) + 2 :]
+            out.append(json.loads(body))
+        return out
+
+    assert replies() == [expected_json(3 if c is three else 4) for c in order]
+    ok(world.origin.commit([WriteBatch("up", {b"u003": seed_like_record(303)})])[0])
+    world.sync(1.0)
+    assert replies() == [expected_json(303 if c is three else 4) for c in order]
+
+
 # --------------------------------------------------------------- the keyspace
 
 
