@@ -5,7 +5,6 @@ Reader and the socket's commands. Real origin store, real LMDB files."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ import pytest
 
 from replicad.loopback import LoopbackDriver
 from replicad.messages import Hint
-from replicad.origin_types import DatasetSpec, WriteBatch, WriteResult
-from replicad.replica import ReplicaSync, SyncConfig
+from replicad.origin_types import DatasetSpec, WriteBatch
+from replicad.replica import ReplicaSync
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.schema import Field, FieldType, Schema
 from replicad.store import OriginStore
@@ -23,11 +22,7 @@ from sidecar.json_render import RENDERING, JsonRenderer, bulk, renders_alike, to
 from sidecar.mirror import Mirror
 from sidecar.reader import Reader, codec_from_definition
 from sidecar.resp_commands import Dispatcher, ServerFacts, Session
-
-
-def ok(result: WriteResult | Exception) -> WriteResult:
-    assert isinstance(result, WriteResult), result
-    return result
+from tests.test_mirror import connect, ok
 
 
 @pytest.fixture
@@ -38,17 +33,15 @@ def origin(tmp_path: Path) -> OriginStore:
     return store
 
 
-def connect(mirror: Mirror, origin: OriginStore) -> tuple[ReplicaSync, LoopbackDriver]:
-    handle = mirror.ensure("up")
-    sync = ReplicaSync(
-        "up",
-        state=handle.state(),
-        local=handle,
-        rng=random.Random(5),
-        now=0.0,
-        config=SyncConfig(snapshot_chunk=64),
-    )
-    return sync, LoopbackDriver(sync, handle, origin)
+def synced(
+    path: Path, origin: OriginStore, **options: Any
+) -> tuple[Mirror, ReplicaSync, LoopbackDriver]:
+    """A mirror of ``origin`` keeping a JSON view of ``up`` (``options``:
+    more Mirror settings), bootstrapped: (mirror, sync, driver)."""
+    mirror = Mirror(path, durable=False, json_views=["up"], **options)
+    sync, driver = connect(mirror, origin)
+    driver.run(0.0)
+    return mirror, sync, driver
 
 
 def follow(sync: ReplicaSync, driver: LoopbackDriver, origin: OriginStore, now: float) -> None:
@@ -93,9 +86,7 @@ def build(mirror: Mirror, limit: int = 50) -> int:
 def test_a_bootstrap_builds_the_view_after_the_load_and_diffs_keep_it_exact(
     tmp_path: Path, origin: OriginStore
 ) -> None:
-    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
-    sync, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, sync, driver = synced(tmp_path / "m", origin)
     # a snapshot load writes no rows: built afterwards, in steps
     assert mirror.json_unbuilt() == ["up"]
     assert rows(mirror) == {}
@@ -125,9 +116,7 @@ def test_a_bootstrap_builds_the_view_after_the_load_and_diffs_keep_it_exact(
 def test_a_schema_evolution_empties_the_view_and_it_is_built_again(
     tmp_path: Path, origin: OriginStore
 ) -> None:
-    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
-    sync, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, sync, driver = synced(tmp_path / "m", origin)
     build(mirror)
     old = seed_like_schema()
     fields = (*old.fields, Field("score", FieldType.FLOAT, nullable=True, default=0.5))
@@ -147,9 +136,7 @@ def test_a_schema_evolution_empties_the_view_and_it_is_built_again(
 def test_an_epoch_change_empties_the_view(tmp_path: Path, origin: OriginStore) -> None:
     """A Merkle repair against a new origin epoch is a diff, but the new
     epoch's dictionary may give the same codes other strings."""
-    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
-    sync, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, sync, driver = synced(tmp_path / "m", origin)
     build(mirror)
     origin.reset_history("up")
     ok(origin.commit([WriteBatch("up", {b"u00010": seed_like_record(1)}, [b"u00011"])])[0])
@@ -199,9 +186,7 @@ def test_the_view_starts_stops_and_resumes_its_build_across_restarts(
 def test_a_record_that_does_not_render_gets_no_row(tmp_path: Path, origin: OriginStore) -> None:
     """A stored value that does not decode (the origin would never send one)
     has no row, so a reader renders it itself and reports what is wrong."""
-    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
-    _, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, *_ = synced(tmp_path / "m", origin)
     db = mirror._state("up").live.records
     with mirror.env.begin(write=True) as txn:
         txn.put(b"u00005", b"\x20\x01", db=db)  # a typed header, then too short
@@ -239,9 +224,7 @@ def test_readers_and_the_socket_commands_serve_the_view(
     record the view has no row for (rendered from its stored bytes), a
     miss; a row changed by hand shows which path answered."""
     path = tmp_path / "m"
-    mirror = Mirror(path, durable=False, json_views=["up"])
-    _, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, *_ = synced(path, origin)
     build(mirror)
     marked = bulk(b'{"from":"the view"}')
     with mirror.env.begin(write=True) as txn:
@@ -294,9 +277,7 @@ def test_a_definition_the_view_cannot_read_empties_it_and_stops_nothing(
     """A definition this sidecar cannot build a codec from (say, an origin
     newer than it) must not stop the sync: the view is emptied (its rows
     may be wrong now) and holds nothing while it lasts."""
-    mirror = Mirror(tmp_path / "m", durable=False, json_views=["up"])
-    sync, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, sync, driver = synced(tmp_path / "m", origin)
     build(mirror)
     old = seed_like_schema()
     origin.evolve_schema(
@@ -328,9 +309,7 @@ def test_a_view_made_by_another_renderer_is_built_again(
     library spell some numbers differently) are not served: the view is
     emptied at open and built again."""
     path = tmp_path / "m"
-    mirror = Mirror(path, durable=False, json_views=["up"])
-    _, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, *_ = synced(path, origin)
     build(mirror)
     with mirror.env.begin(write=True) as txn:
         doc = msgpack.unpackb(txn.get(b"ds/up", db=mirror._meta), raw=False)
@@ -355,9 +334,7 @@ def test_a_full_map_drops_the_views_instead_of_the_sync(
     takes it without them: the views are emptied and stopped until the next
     start, which builds them again."""
     path = tmp_path / "m"
-    mirror = Mirror(path, durable=False, json_views=["up"], map_size=1 << 20, max_map_size=1 << 20)
-    sync, driver = connect(mirror, origin)
-    driver.run(0.0)
+    mirror, sync, driver = synced(path, origin, map_size=1 << 20, max_map_size=1 << 20)
     build(mirror)
     upserts = {b"v%05d" % i: seed_like_record(i) for i in range(2000)}
     ok(origin.commit([WriteBatch("up", upserts)])[0])
