@@ -270,6 +270,8 @@ class Snapshot:
 
     def _begin(self) -> None:
         reader = self._reader
+        if reader._json_wanted:  # views begun after we opened their datasets
+            reader._open_json_handles()
         # before the transaction: handles another thread opens meanwhile
         # make this snapshot not current rather than go unnoticed
         self._opened = (len(reader._dbs), reader._handles_gen)
@@ -467,6 +469,7 @@ class Reader:
         self._dbs: dict[bytes, Any] = {}
         self._handles_lock = threading.RLock()
         self._handles_gen = 0
+        self._json_wanted: set[str] = set()
         self._snapshots = 0
         self._snapshots_done = threading.Condition()
         self._local = threading.local()
@@ -618,6 +621,15 @@ class Reader:
                     with suppress(lmdb.NotFoundError):  # no JSON view (yet)
                         self._dbs[dbname] = self._env.open_db(dbname, create=False)
 
+    def _open_json_handles(self) -> None:
+        """Open the JSON views' handles ``_resolve`` found missing (outside
+        any transaction of the snapshot that will use them)."""
+        with self._handles_lock:
+            wanted, self._json_wanted = self._json_wanted, set()
+            for name in wanted:
+                self._open_handles(name)
+                self._cache.pop(name, None)  # resolved without its view
+
     def _resolve(self, txn: Any, name: str) -> _Dataset:
         raw = txn.get(b"ds/" + name.encode(), db=self._meta)
         if raw is None:
@@ -643,9 +655,11 @@ class Reader:
             raise _HandlesMissingError(name)
         json = None
         if doc.get("json") is not None and codec is not None and codec.is_typed:
-            # absent when the view began after this reader opened the
-            # dataset: it reads the records, as without a view
             json = self._dbs.get(f"j/{name}/{gen % 2}".encode())
+            if json is None:
+                # the view began after this reader opened the dataset: read
+                # the records meanwhile; the next snapshot opens its handles
+                self._json_wanted.add(name)
         ds = _Dataset(raw, gen, cursor, doc.get("synced_at"), codec, db, json)
         self._cache[name] = ds
         return ds

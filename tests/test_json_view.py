@@ -5,6 +5,9 @@ Reader and the socket's commands. Real origin store, real LMDB files."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +358,45 @@ def test_a_full_map_drops_the_views_instead_of_the_sync(
     build(mirror)
     assert_right(mirror, built=True)
     mirror.close()
+
+
+def test_a_reader_open_before_the_view_began_takes_it_up(
+    tmp_path: Path, origin: OriginStore
+) -> None:
+    """A reader (a socket worker, an app) that opened the dataset before its
+    view existed reads the records meanwhile, and the view from its next
+    snapshot on."""
+    path = tmp_path / "m"
+    mirror = Mirror(path, durable=False)
+    _, driver = connect(mirror, origin)
+    driver.run(0.0)
+    mirror.close()
+    reader = Reader(path, idle_release=0)
+    try:
+        with reader.snapshot() as snap:
+            assert snap.json_fetcher("up") is None  # no view yet
+        # the sidecar restarted with the view (another process: LMDB opens
+        # an environment once per process)
+        script = (
+            "import sys; from sidecar.mirror import Mirror\n"
+            "m = Mirror(sys.argv[1], durable=False, json_views=['up'])\n"
+            "while m.json_step('up'): pass\n"
+            "m.close()\n"
+        )
+        root = str(Path(__file__).resolve().parents[1])
+        subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            check=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        with reader.snapshot() as snap:
+            assert snap.json_fetcher("up") is None  # found, not yet open
+        with reader.snapshot() as snap:
+            fetch = snap.json_fetcher("up")
+            assert fetch is not None
+            raw = snap.raw("up", b"u00004")
+            assert raw is not None
+            assert fetch(b"u00004") == bulk(JsonRenderer(origin.codec("up"))(bytes(raw)))
+    finally:
+        reader.close()
