@@ -469,7 +469,7 @@ class Agent:
                 except StorageError as exc:
                     log.error(f"{what} build failed", extra={"dataset": name, "error": str(exc)})
                     await trio.sleep(INDEX_RETRY)
-                    break
+                    continue  # the others meanwhile; this one on the next round
                 log.info(
                     f"{what} built",
                     extra={"dataset": name, "seconds": round(time.perf_counter() - began, 3)},

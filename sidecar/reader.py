@@ -627,7 +627,8 @@ class Reader:
         with self._handles_lock:
             wanted, self._json_wanted = self._json_wanted, set()
             for name in wanted:
-                self._open_handles(name)
+                with suppress(ReplicadError):  # gone, or too many: without a view
+                    self._open_handles(name)
                 self._cache.pop(name, None)  # resolved without its view
 
     def _resolve(self, txn: Any, name: str) -> _Dataset:

@@ -31,10 +31,12 @@ from replicad.messages import (
 from replicad.origin_types import DatasetSpec, WriteBatch
 from replicad.replica import ReplicaSync, SyncConfig
 from replicad.sample import seed_like_record, seed_like_schema
+from replicad.schema import Field, FieldType, Schema
 from replicad.service import OriginService
 from replicad.store import OriginStore
 from sidecar.agent import LARGE_BATCH, Agent, AgentSettings
 from sidecar.mirror import INDEX_STEP, Mirror
+from sidecar.reader import Reader
 
 
 class ServiceTransport:
@@ -442,3 +444,63 @@ async def test_a_stream_that_breaks_mid_bootstrap_is_resumed(paths: tuple[Path, 
         assert stats.failures == 1
         assert stats.records_applied == 500  # nothing staged twice
         assert mirror.items("up") == records(store)
+
+
+async def test_json_views_are_built_in_the_background_and_a_failing_one_waits_its_turn(
+    paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent builds each dataset's JSON view after its bootstrap; a view
+    whose build fails (a storage error) is tried again later while the
+    others are built; a schema change empties a view, and it is built again
+    within ``JSON_VIEW_CHECK``."""
+    import sidecar.agent
+
+    monkeypatch.setattr(sidecar.agent, "INDEX_RETRY", 0.01)
+    store = OriginStore(paths[0], durable=False)
+    service = OriginService(store)
+    mirror = Mirror(paths[1], durable=False, json_views=["up", "up2"])
+    real_step = mirror.json_step
+    failures = 0
+
+    def json_step(name: str, limit: int = 1024) -> bool:
+        # "up" fails until "up2" is built, and "up2" builds only once "up"
+        # failed: the loop must go on to the others after a failure
+        nonlocal failures
+        if name == "up" and mirror.json_view_state("up2") != "built":
+            failures += 1
+            raise StorageError("a disk error, for the test")
+        if name == "up2" and not failures:
+            raise StorageError("not yet, for the test")
+        return real_step(name, limit)
+
+    monkeypatch.setattr(mirror, "json_step", json_step)
+    settings = AgentSettings(
+        datasets=("up", "up2"),
+        replica_id="test-json",
+        sync=SyncConfig(poll_interval=60.0, snapshot_chunk=100),
+    )
+    async with trio.open_nursery() as nursery:
+        await serve_up(nursery, service, 300)
+        await service.create_dataset(DatasetSpec("up2", seed_like_schema()))
+        await service.write(WriteBatch("up2", {b"k%d" % i: seed_like_record(i) for i in range(50)}))
+        agent = Agent(mirror, transport := ServiceTransport(service), settings)
+        assert transport.requests == 0
+        await nursery.start(agent.run)
+        await wait_until(agent.ready)  # bootstrapped: the views are to be built
+        await wait_until(lambda: all(s["json_view"] == "built" for s in agent.status().values()))
+        assert failures >= 1  # "up" failed while "up2" was built
+        old = seed_like_schema()
+        evolved = Schema(2, (*old.fields, Field("extra", FieldType.INT, nullable=True)))
+        await trio.to_thread.run_sync(store.evolve_schema, "up", evolved)
+        await service.write(WriteBatch("up", {b"u0001": {**seed_like_record(1), "extra": 5}}))
+        await wait_until(lambda: mirror.cursor("up") == store.info("up").cursor)
+        await wait_until(lambda: agent.status()["up"]["json_view"] == "built", timeout=5)
+        reader = Reader.over(mirror)
+        with reader.snapshot() as snap:
+            fetch = snap.json_fetcher("up")
+            assert fetch is not None
+            row = fetch(b"u0002")
+            assert row is not None and row.endswith(b',"extra":null}\r\n')
+        nursery.cancel_scope.cancel()
+    mirror.close()
+    store.close()
