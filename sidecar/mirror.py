@@ -204,6 +204,9 @@ class _DatasetState:
     json_from: bytes | None = None
     """With a JSON view: None when it has a row for every typed record; else
     where its build resumes (rows before it and rows applies wrote since)."""
+    json_resets: int = 0
+    """How many times an apply emptied the view (a build step rendered
+    before one does not write)."""
 
 
 class _LeafView:
@@ -633,10 +636,43 @@ class Mirror:
 
     def json_step(self, name: str, limit: int = JSON_STEP) -> bool:
         """Render the JSON view rows of up to ``limit`` more records of the
-        live generation, in one write transaction that also records where
-        the build resumes; return whether records remain. Raises like
-        :meth:`apply`."""
-        return self._writing(lambda: self._json_step(name, limit))
+        live generation and write them in one write transaction that also
+        records where the build resumes; return whether records remain.
+        The records are read and rendered in a read transaction, outside
+        the write lock (applies go on meanwhile); the write keeps the rows
+        of the records still unchanged, and nothing if the view was emptied
+        meanwhile (the next step starts where the view then resumes).
+        Raises like :meth:`apply`."""
+        ds = self._state(name)
+        gen, start, definition, resets = ds.live, ds.json_from, ds.definition, ds.json_resets
+        if gen.json is None or start is None:
+            return False
+        render = self._json_render(definition)
+        rendered: list[tuple[bytes, bytes, bytes | None]] = []
+        resume: bytes | None = None
+        if render is not None:
+            with self.read() as txn:
+                cur = txn.cursor(db=gen.records)
+                if cur.set_range(start):
+                    for n, (k, v) in enumerate(cur.iternext()):
+                        if n == limit:
+                            resume = k
+                            break
+                        rendered.append((k, v, render(v)))
+
+        def write() -> bool:
+            # a definition that changed without emptying the view renders
+            # the records alike (``renders_alike``): the rows still hold
+            if (
+                ds.live is not gen
+                or gen.json is None
+                or ds.json_from != start
+                or ds.json_resets != resets
+            ):
+                return ds.json_from is not None and ds.live.json is not None
+            return self._json_write(ds, rendered, resume)
+
+        return self._writing(write)
 
     def _writing(self, write: Callable[[], bool]) -> bool:
         """Run ``write`` (one write transaction) under the write lock,
@@ -748,7 +784,7 @@ class Mirror:
         ds = self._state(name)
         now = self._clock()
         staged_meta = ds.staged_meta
-        json_from = ds.json_from
+        json_from, emptied = ds.json_from, False
         render = None
         txn = self._env.begin(write=True)
         try:
@@ -764,7 +800,7 @@ class Mirror:
                         None if batch.cursor is None else batch.cursor.epoch,
                     ):  # its rows may be wrong now: empty, to be built again
                         txn.drop(target.json, delete=False)
-                        json_from = b""
+                        json_from, emptied = b"", True
             elif batch.reset_staging or ds.staging is None:
                 staged_meta = batch.meta
                 definition = staged_meta.body if staged_meta else ds.definition
@@ -797,7 +833,7 @@ class Mirror:
                 # its index and JSON view are built from the first record on
                 # (see "Leaf index" and "JSON view")
                 if ds.live.json is not None:
-                    json_from = b""
+                    json_from, emptied = b"", True
                     txn.drop(ds.live.json, delete=False)
                 self._put_ds(
                     txn,
@@ -843,6 +879,7 @@ class Mirror:
             else:
                 ds.staging, ds.progress, ds.staged_meta = target, batch.progress, staged_meta
             ds.json_from = json_from
+            ds.json_resets += emptied
             if self.on_commit is not None:
                 self.on_commit(name, batch)
         return True
@@ -891,30 +928,23 @@ class Mirror:
             gen.index_from = resume
         return resume is not None
 
-    def _json_step(self, name: str, limit: int) -> bool:
-        ds = self._state(name)
-        gen, start = ds.live, ds.json_from
-        if gen.json is None or start is None:
-            return False
-        render = self._json_render(ds.definition)
-        resume: bytes | None = None
+    def _json_write(
+        self,
+        ds: _DatasetState,
+        rendered: list[tuple[bytes, bytes, bytes | None]],
+        resume: bytes | None,
+    ) -> bool:
+        """Write a build step's rows (under the write lock): those of records
+        still as they were rendered (an apply since wrote the others' rows
+        itself, or deleted them with their records)."""
+        gen = ds.live
         txn = self._env.begin(write=True)
         try:
-            cur = txn.cursor(db=gen.records)
-            if render is not None and cur.set_range(start):
-                rows: list[tuple[bytes, bytes]] = []
-                failed: list[bytes] = []
-                for n, (k, v) in enumerate(cur.iternext()):
-                    if n == limit:
-                        resume = k
-                        break
-                    out = render(v)
-                    if out is None:
-                        failed.append(k)
-                    else:
-                        rows.append((k, out))
-                txn.cursor(db=gen.json).putmulti(rows)
-                for k in failed:  # no row: readers render (and report) it
+            get = txn.cursor(db=gen.records).get
+            same = [(k, out) for k, v, out in rendered if get(k) == v]
+            txn.cursor(db=gen.json).putmulti([(k, out) for k, out in same if out is not None])
+            for k, out in same:
+                if out is None:  # no row: readers render (and report) it
                     txn.delete(k, db=gen.json)
             self._put_ds(
                 txn, ds, ds.gen, ds.cursor, meta=None, synced_at=ds.synced_at, json_from=resume

@@ -400,3 +400,50 @@ def test_a_reader_open_before_the_view_began_takes_it_up(
             assert fetch(b"u00004") == bulk(JsonRenderer(origin.codec("up"))(bytes(raw)))
     finally:
         reader.close()
+
+
+def interleave(mirror: Mirror, between: Any) -> None:
+    """Run ``between()`` once, after a build step rendered (outside the
+    write lock) and before it writes."""
+    real = mirror._writing
+    pending = [between]
+
+    def writing(write: Any) -> bool:
+        if pending:
+            pending.pop()()
+        return real(write)
+
+    mirror._writing = writing  # type: ignore[method-assign]
+
+
+def test_a_build_step_keeps_out_what_an_apply_changed_meanwhile(
+    tmp_path: Path, origin: OriginStore
+) -> None:
+    """A step renders outside the write lock; a diff applied meanwhile wrote
+    its own rows (or deleted them), which the step must not overwrite."""
+    mirror, sync, driver = synced(tmp_path / "m", origin)
+    upserts = {b"u00001": seed_like_record(4001), b"u00003": seed_like_record(4003)}
+    ok(origin.commit([WriteBatch("up", upserts, [b"u00002"])])[0])
+    interleave(mirror, lambda: follow(sync, driver, origin, 1.0))
+    assert not mirror.json_step("up", 10_000)  # rendered all 300, then the diff
+    assert mirror.cursor("up") == origin.info("up").cursor
+    assert_right(mirror, built=True)
+    assert b'"age":' in rows(mirror)[b"u00001"] and b"u00002" not in rows(mirror)
+    mirror.close()
+
+
+def test_a_build_step_writes_nothing_when_the_view_was_emptied_meanwhile(
+    tmp_path: Path, origin: OriginStore
+) -> None:
+    mirror, sync, driver = synced(tmp_path / "m", origin)
+    old = seed_like_schema()
+    origin.evolve_schema("up", Schema(2, (*old.fields, Field("y", FieldType.INT, default=3))))
+    ok(origin.commit([WriteBatch("up", {b"u00001": {**seed_like_record(1), "y": 9}})])[0])
+    interleave(mirror, lambda: follow(sync, driver, origin, 1.0))
+    assert mirror.json_step("up", 10_000)  # wrote nothing: the view starts again
+    assert set(rows(mirror)) == {b"u00001"}  # the diff's row alone
+    assert_right(mirror, built=False)
+    build(mirror)
+    assert_right(mirror, built=True)
+    assert rows(mirror)[b"u00004"].endswith(b',"y":3}\r\n')
+    mirror.close()
