@@ -6,8 +6,10 @@
 2. creates the ``user_profile`` dataset (about 30 features per user) and loads
    seed-like profiles from a generated JSON-lines file with ``replicad load``
    (its progress bar included);
-3. starts ``sidecar run`` (a real sidecar process) and waits until it is ready;
-4. reads profiles from the mirror with the zero-copy reader, as an app would;
+3. starts ``sidecar run`` (a real sidecar process, with its Redis-protocol
+   unix socket and a JSON view of the dataset) and waits until it is ready;
+4. reads profiles from the mirror with the zero-copy reader, as an app would,
+   and one over the unix socket, as an app in any language would;
 5. writes at the origin and shows the sidecar following;
 6. stops both processes (or, with ``--keep``, leaves them running until
    Ctrl-C) and removes its temporary directory unless ``--dir`` was given.
@@ -34,6 +36,45 @@ import httpx
 from replicad.client import OriginClient
 from replicad.sample import seed_like_record, seed_like_schema
 from sidecar.reader import Reader
+
+
+def _hget(path: Path, dataset: str, key: str) -> bytes | None:
+    """``HGET dataset key`` over the Redis protocol on a unix socket (what
+    ``redis-cli -s PATH HGET ...`` sends), without a client library."""
+    args = [b"HGET", dataset.encode(), key.encode()]
+    request = b"*3\r\n" + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(request)
+        data = b""
+        while True:
+            head, found, rest = data.partition(b"\r\n")
+            if found and (head == b"$-1" or not head.startswith(b"$")):
+                break
+            if found and len(rest) >= int(head[1:]) + 2:
+                break
+            chunk = s.recv(65536)
+            if not chunk:
+                raise SystemExit(f"the socket closed after {data[:200]!r}")
+            data += chunk
+    if head == b"$-1":
+        return None
+    if not head.startswith(b"$"):
+        raise SystemExit(f"the socket answered {data[:200]!r}")
+    return rest[: int(head[1:])]
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the sidecar exited with status {proc.returncode}; see its log")
+        with contextlib.suppress(OSError):
+            _hget(path, "user_profile", "user:00000000")
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"the sidecar's socket {path} did not answer within {timeout:.0f} s")
 
 
 def _free_port() -> int:
@@ -104,12 +145,16 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
             [_bin("replicad"), "--origin", origin_url, "load", "user_profile", str(sample)],
             check=True,
         )
-        with _process(
+        # AF_UNIX paths are short: the socket lives in a directory of its own
+        sockdir = Path(tempfile.mkdtemp(prefix="replicad-qs-"))
+        sock = sockdir / "redis.sock"
+        with contextlib.ExitStack() as cleanup, _process(
             [_bin("sidecar"), "run", "--origin", origin_url, "--data", str(workdir / "mirror"),
              "--datasets", "user_profile", "--health", f"127.0.0.1:{health_port}",
-             "--log-format", "text"],
+             "--socket", str(sock), "--json-views", "user_profile", "--log-format", "text"],
             workdir / "sidecar.log",
         ) as sidecar:  # fmt: skip
+            cleanup.callback(shutil.rmtree, sockdir, ignore_errors=True)
             start = time.monotonic()
             _wait_http(health_url + "/healthz", sidecar, "the sidecar")
             _wait_http(health_url + "/readyz", sidecar, "the sidecar's first sync", timeout=300)
@@ -142,6 +187,26 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                     f"   Reader.get with decoding: {per_get:.1f} us per key; "
                     f"get_many of {len(keys)} keys: {many:.2f} ms"
                 )
+                _wait_socket(sock, sidecar)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    doc = httpx.get(health_url + "/status").json()
+                    if doc["datasets"]["user_profile"]["json_view"] == "built":
+                        break
+                    time.sleep(0.05)
+                say(
+                    f"== any language reads over the Redis protocol: redis-cli -s {sock} "
+                    "HGET user_profile user:00000001"
+                )
+                reply = _hget(sock, "user_profile", "user:00000001")
+                assert reply is not None
+                shown = reply.decode()
+                say(f"   {shown[:96]}{'...' if len(shown) > 96 else ''}")
+                say(
+                    "   (the JSON view of user_profile, "
+                    f"{doc['datasets']['user_profile']['json_view']}: replies stored beside "
+                    "the records, sent without rendering)"
+                )
                 new = seed_like_record(7)
                 new["city"] = "shenzhen"
                 t = time.perf_counter()
@@ -161,9 +226,13 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                     f"{(seen - acked) * 1e3:.1f} ms: city={rec['city'] if rec else None!r}, "
                     f"user:00000000 {'deleted' if gone else 'still there'}"
                 )
+                after = _hget(sock, "user_profile", "user:00000001")
+                city = json.loads(after)["city"] if after else None
+                say(f"   and over the socket: HGET user_profile user:00000001 -> city {city!r}")
             if keep:
                 say("== both processes keep running; Ctrl-C to stop them. Meanwhile try:")
                 say(f"   {_bin('sidecar')} status --health {health_url}")
+                say(f"   redis-cli -s {sock} HGET user_profile user:00000002")
                 say(f"   {_bin('replicad')} --origin {origin_url} status")
                 with contextlib.suppress(KeyboardInterrupt):
                     while origin.poll() is None and sidecar.poll() is None:

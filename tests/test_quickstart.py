@@ -28,6 +28,13 @@ def test_quickstart_runs_the_whole_system_and_cleans_up(tmp_path: Path) -> None:
     assert "user:00000000: age=" in out
     assert "the mirror followed in" in out and "city='shenzhen'" in out
     assert "user:00000000 deleted" in out
+    # the Redis protocol on the unix socket, from the JSON view
+    assert "any language reads over the Redis protocol: redis-cli -s " in out
+    assert '{"age":48,"gender":"m","city":"xian"' in out
+    assert "the JSON view of user_profile, built" in out
+    assert "over the socket: HGET user_profile user:00000001 -> city 'shenzhen'" in out
+    sock = out.split("redis-cli -s ", 1)[1].split()[0]
+    assert not Path(sock).parent.exists()  # its directory removed
     assert "stopped the sidecar and the origin" in out
     # both processes are gone
     ps = subprocess.run(["ps", "-eo", "args"], check=True, capture_output=True, text=True).stdout
