@@ -33,7 +33,9 @@ asks for. The anchor holds, in one hash per dataset, exactly the bytes our
   second probe does the same against redis-server at the same time: how
   much the machine itself (2 shared cores here) degrades a read's tail
   while the sync works.
-  Median of 3 rounds (``--quick``: 1).
+  Median of 3 rounds (``--quick``: 1). Then the same with reads and the
+  diff on ``profile_view``, whose apply also renders each record into the
+  JSON view (about 2.7 times as long).
 
 Without ``redis-server`` or ``redis-benchmark`` the throughput rows are
 NaN and say why; the latency rows need neither.
@@ -360,23 +362,26 @@ class _Round:
     window: float
 
 
-def _latency_round(tmp: Path, setup: _Setup, n: int, diff: int, round_no: int) -> _Round:
-    """Probe our socket (and redis-server's, at the same time) while idle,
-    then while the sidecar syncs a diff of ``diff`` records."""
+def _latency_round(
+    tmp: Path, setup: _Setup, n: int, diff: int, round_no: int, *, dataset: str
+) -> _Round:
+    """Probe our socket (and redis-server's, at the same time) with reads
+    of ``dataset`` while idle, then while the sidecar syncs a diff of
+    ``diff`` records of it."""
     targets = {"sidecar": setup.socket}
     if setup.redis_socket is not None:
         targets["redis"] = setup.redis_socket
-    stopfile = tmp / f"stop{round_no}"
-    outs = {name: tmp / f"probe-{name}{round_no}.json" for name in targets}
+    stopfile = tmp / f"stop-{dataset}{round_no}"
+    outs = {name: tmp / f"probe-{name}-{dataset}{round_no}.json" for name in targets}
     probes = []
     reader = Reader(setup.mirror)
     try:
         for name, path in targets.items():
             cmd = [
-                sys.executable, "-m", "benchmarks.bench_reads", "--probe", str(path), TYPED,
+                sys.executable, "-m", "benchmarks.bench_reads", "--probe", str(path), dataset,
                 str(n), str(PROBE_RATE), str(stopfile), str(outs[name]),
             ]  # fmt: skip
-            probes.append(Proc(cmd, tmp / f"probe-{name}{round_no}.log"))
+            probes.append(Proc(cmd, tmp / f"probe-{name}-{dataset}{round_no}.log"))
         for name, probe in zip(targets, probes, strict=True):
             wait("probe", probe, Path(str(outs[name]) + ".ready").exists, 30)
         idle_from = time.monotonic_ns() + 500_000_000
@@ -386,12 +391,12 @@ def _latency_round(tmp: Path, setup: _Setup, n: int, diff: int, round_no: int) -
         offset = 1 + round_no
         upserts = {_key(i): seed_like_record((i + offset * 7919) % n) for i in range(diff)}
         with httpx.Client(base_url=setup.origin, timeout=300) as client:
-            version = _post(client, TYPED, upserts)
+            version = _post(client, dataset, upserts)
         acked = time.monotonic_ns()
         # read-your-writes as an app does it: a mirror read every 5 ms (an
         # HTTP request to the health server every 10 ms loaded the machine
         # the probe measures: docs/benchmarks.md, session 9)
-        if not reader.wait_for(TYPED, version, 300):
+        if not reader.wait_for(dataset, version, 300):
             raise RuntimeError(f"the mirror did not reach version {version} in 300 s")
         visible = time.monotonic_ns()
         time.sleep(0.3)
@@ -423,9 +428,13 @@ def _p50(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _latency(tmp: Path, setup: _Setup, n: int, quick: bool) -> list[Row]:
+def _latency(
+    tmp: Path, setup: _Setup, n: int, quick: bool, *, dataset: str = TYPED, tag: str = ""
+) -> list[Row]:
     diff = min(n, 20_000 if quick else 100_000)
-    rounds = [_latency_round(tmp, setup, n, diff, k) for k in range(1 if quick else 3)]
+    rounds = [
+        _latency_round(tmp, setup, n, diff, k, dataset=dataset) for k in range(1 if quick else 3)
+    ]
     idle = _median_of(rounds, "idle", "sidecar", _p99)
     busy = _median_of(rounds, "busy", "sidecar", _p99)
     window = statistics.median(r.window for r in rounds)
@@ -433,7 +442,7 @@ def _latency(tmp: Path, setup: _Setup, n: int, quick: bool) -> list[Row]:
         f"HGET of random keys, {PROBE_RATE:,.0f}/s on one connection to each server, "
         f"median of {len(rounds)}"
     )
-    during = f"while the sidecar syncs a {diff:,}-record diff (ack -> visible, {window:.1f} s)"
+    during = f"while the sidecar syncs a {diff:,}-record diff{tag} (ack -> visible, {window:.1f} s)"
     redis_name = "redis-server, the same probe" if setup.redis_socket else MISSING
     return [
         Row(
@@ -483,6 +492,11 @@ def rows(quick: bool) -> list[Row]:
             setup = _start(stack, tmp, n, have_redis)
             out = _throughput(setup, n, quick) if have_redis else _missing_throughput()
             out += _latency(tmp, setup, n, quick)
+            # the same with the JSON view: each record of the diff is
+            # rendered in the apply, which takes about 2.7 times as long
+            out += _latency(
+                tmp, setup, n, quick, dataset=VIEWED, tag=" of a dataset with a JSON view"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
