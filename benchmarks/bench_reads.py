@@ -446,7 +446,7 @@ def _latency(
     redis_name = "redis-server, the same probe" if setup.redis_socket else MISSING
     return [
         Row(
-            f"reads: socket HGET round trip p99, idle ({load})",
+            f"reads: socket HGET round trip p99, idle{tag and ' (JSON view)'} ({load})",
             idle,
             "ms",
             anchor=_median_of(rounds, "idle", "redis", _p99),

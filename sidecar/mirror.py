@@ -126,6 +126,13 @@ from sidecar.reader import codec_from_definition
 
 log = logging.getLogger("sidecar.mirror")
 
+
+def _no_renderer(value: bytes) -> bytes | None:  # pragma: no cover - a marker, never called
+    return None
+
+
+_NO_RENDERER: Callable[[bytes], bytes | None] = _no_renderer
+
 MAX_DATASETS = 64
 """Default bound on datasets per mirror (six LMDB databases each): LMDB's
 cost of beginning any transaction grows with the bound, so it is modest by
@@ -644,7 +651,8 @@ class Mirror:
         meanwhile (the next step starts where the view then resumes).
         Raises like :meth:`apply`."""
         ds = self._state(name)
-        gen, start, definition, resets = ds.live, ds.json_from, ds.definition, ds.json_resets
+        with self._state_lock:  # one commit's state (applies update it under the lock)
+            gen, start, definition, resets = ds.live, ds.json_from, ds.definition, ds.json_resets
         if gen.json is None or start is None:
             return False
         render = self._json_render(definition)
@@ -759,8 +767,9 @@ class Mirror:
         opaque dataset, no definition yet)."""
         if definition is None:
             return None
-        if definition in self._renderers:
-            return self._renderers[definition]
+        known = self._renderers.get(definition, _NO_RENDERER)  # also outside the write lock
+        if known is not _NO_RENDERER:
+            return known
         render: Callable[[bytes], bytes | None] | None = None
         try:
             codec = codec_from_definition(definition)

@@ -70,9 +70,12 @@ def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the sidecar exited with status {proc.returncode}; see its log")
-        with contextlib.suppress(OSError):
-            _hget(path, "user_profile", "user:00000000")
-            return
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            if s.recv(64).startswith(b"+PONG"):
+                return
         time.sleep(0.05)
     raise SystemExit(f"the sidecar's socket {path} did not answer within {timeout:.0f} s")
 
@@ -146,15 +149,13 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
             check=True,
         )
         # AF_UNIX paths are short: the socket lives in a directory of its own
-        sockdir = Path(tempfile.mkdtemp(prefix="replicad-qs-"))
-        sock = sockdir / "redis.sock"
-        with contextlib.ExitStack() as cleanup, _process(
+        with tempfile.TemporaryDirectory(prefix="replicad-qs-") as sockdir, _process(
             [_bin("sidecar"), "run", "--origin", origin_url, "--data", str(workdir / "mirror"),
              "--datasets", "user_profile", "--health", f"127.0.0.1:{health_port}",
-             "--socket", str(sock), "--json-views", "user_profile", "--log-format", "text"],
+             "--socket", str(Path(sockdir) / "redis.sock"), "--json-views", "user_profile",
+             "--log-format", "text"],
             workdir / "sidecar.log",
         ) as sidecar:  # fmt: skip
-            cleanup.callback(shutil.rmtree, sockdir, ignore_errors=True)
             start = time.monotonic()
             _wait_http(health_url + "/healthz", sidecar, "the sidecar")
             _wait_http(health_url + "/readyz", sidecar, "the sidecar's first sync", timeout=300)
@@ -187,6 +188,7 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                     f"   Reader.get with decoding: {per_get:.1f} us per key; "
                     f"get_many of {len(keys)} keys: {many:.2f} ms"
                 )
+                sock = Path(sockdir) / "redis.sock"
                 _wait_socket(sock, sidecar)
                 deadline = time.monotonic() + 60
                 while time.monotonic() < deadline:
@@ -194,12 +196,15 @@ def run(records: int, workdir: Path, *, keep: bool) -> None:
                     if doc["datasets"]["user_profile"]["json_view"] == "built":
                         break
                     time.sleep(0.05)
+                else:
+                    say("   (the JSON view is still being built: this reply is rendered)")
                 say(
                     f"== any language reads over the Redis protocol: redis-cli -s {sock} "
                     "HGET user_profile user:00000001"
                 )
                 reply = _hget(sock, "user_profile", "user:00000001")
-                assert reply is not None
+                if reply is None:
+                    raise SystemExit("the socket has no user:00000001")
                 shown = reply.decode()
                 say(f"   {shown[:96]}{'...' if len(shown) > 96 else ''}")
                 say(

@@ -51,7 +51,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,9 @@ class Snapshot:
         if reader._json_wanted:  # views begun after we opened their datasets
             reader._open_json_handles()
         # before the transaction: handles another thread opens meanwhile
-        # make this snapshot not current rather than go unnoticed
+        # make this snapshot not current rather than go unnoticed, and are
+        # not used by it (their serial is above ``_began``)
+        self._began = reader._serial
         self._opened = (len(reader._dbs), reader._handles_gen)
         # buffers: values as memoryviews into the map (raw() is zero-copy);
         # what leaves the snapshot (records) is copied
@@ -301,19 +303,26 @@ class Snapshot:
     def _dataset(self, name: str) -> _Dataset:
         ds = self._seen.get(name)
         if ds is None:
+            reader = self._reader
             try:
-                ds = self._reader._resolve(self._txn, name)
+                ds = reader._resolve(self._txn, name)
+                if reader._d_serial.get(name, 0) > self._began:
+                    # another thread opened its handles after our transaction
+                    # began: LMDB will not let this transaction use them
+                    raise _HandlesMissingError(name)
             except _HandlesMissingError:
                 # a dataset new to this reader: open its handles and, if this
                 # snapshot has read nothing yet, begin again so it can see them
-                self._reader._open_handles(name)
+                reader._open_handles(name)
                 if self._seen:
                     raise UnknownDatasetError(
                         f"dataset {name!r} appeared after this snapshot began; take a new one"
                     ) from None
                 self._close()
                 self._begin()
-                ds = self._reader._resolve(self._txn, name)
+                ds = reader._resolve(self._txn, name)
+            if ds.json is not None and reader._j_serial.get(name, 0) > self._began:
+                ds = replace(ds, json=None)  # its view's handles are newer than us
             self._seen[name] = ds
         return ds
 
@@ -470,6 +479,11 @@ class Reader:
         self._handles_lock = threading.RLock()
         self._handles_gen = 0
         self._json_wanted: set[str] = set()
+        self._serial = 0
+        """Counts handle openings; a snapshot uses only handles opened
+        before it began (``_d_serial``/``_j_serial``: each dataset's last)."""
+        self._d_serial: dict[str, int] = {}
+        self._j_serial: dict[str, int] = {}
         self._snapshots = 0
         self._snapshots_done = threading.Condition()
         self._local = threading.local()
@@ -601,25 +615,40 @@ class Reader:
 
     def _open_handles(self, name: str) -> None:
         """Open both generation slots of ``name`` (outside any transaction),
-        and its JSON view's if it has one."""
+        and its JSON view's if it has one; number what was opened, so that a
+        snapshot begun before does not use it (``Snapshot._dataset``)."""
         with self._handles_lock:
-            for slot in (0, 1):
-                dbname = f"d/{name}/{slot}".encode()
-                if dbname not in self._dbs:
-                    if sum(k[:2] == b"d/" for k in self._dbs) >= 2 * self.max_datasets:
-                        raise StorageError(
-                            f"this reader opens at most {self.max_datasets} datasets "
-                            "(Reader(max_datasets=...))"
-                        )
-                    try:
-                        self._dbs[dbname] = self._env.open_db(dbname, create=False)
-                    except lmdb.NotFoundError:
-                        raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
-            for slot in (0, 1):
-                dbname = f"j/{name}/{slot}".encode()
-                if dbname not in self._dbs:
-                    with suppress(lmdb.NotFoundError):  # no JSON view (yet)
-                        self._dbs[dbname] = self._env.open_db(dbname, create=False)
+            opened: set[str] = set()
+            try:
+                self._open_slots(name, opened)
+            finally:
+                if opened:
+                    self._serial += 1
+                    if "d" in opened:
+                        self._d_serial[name] = self._serial
+                    if "j" in opened:
+                        self._j_serial[name] = self._serial
+
+    def _open_slots(self, name: str, opened: set[str]) -> None:
+        for slot in (0, 1):
+            dbname = f"d/{name}/{slot}".encode()
+            if dbname not in self._dbs:
+                if sum(k[:2] == b"d/" for k in self._dbs) >= 2 * self.max_datasets:
+                    raise StorageError(
+                        f"this reader opens at most {self.max_datasets} datasets "
+                        "(Reader(max_datasets=...))"
+                    )
+                try:
+                    self._dbs[dbname] = self._env.open_db(dbname, create=False)
+                except lmdb.NotFoundError:
+                    raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
+                opened.add("d")
+        for slot in (0, 1):
+            dbname = f"j/{name}/{slot}".encode()
+            if dbname not in self._dbs:
+                with suppress(lmdb.NotFoundError):  # no JSON view (yet)
+                    self._dbs[dbname] = self._env.open_db(dbname, create=False)
+                    opened.add("j")
 
     def _open_json_handles(self) -> None:
         """Open the JSON views' handles ``_resolve`` found missing (outside
@@ -660,7 +689,8 @@ class Reader:
             if json is None:
                 # the view began after this reader opened the dataset: read
                 # the records meanwhile; the next snapshot opens its handles
-                self._json_wanted.add(name)
+                with self._handles_lock:
+                    self._json_wanted.add(name)
         ds = _Dataset(raw, gen, cursor, doc.get("synced_at"), codec, db, json)
         self._cache[name] = ds
         return ds

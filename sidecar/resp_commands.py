@@ -535,7 +535,8 @@ class Dispatcher:
         # view a key's record cannot change, so a key asked for again and
         # again costs one comparison (no LMDB read, no hash of the stored
         # bytes); other keys, one failed comparison
-        last_key, last_out = b"", b""
+        last_key: bytes | None = None
+        last_out = b""
 
         def reply(key: bytes) -> bytes | None:
             nonlocal last_key, last_out

@@ -390,8 +390,15 @@ def test_a_reader_open_before_the_view_began_takes_it_up(
             timeout=60,
             env={**os.environ, "PYTHONPATH": root},
         )
-        with reader.snapshot() as snap:
-            assert snap.json_fetcher("up") is None  # found, not yet open
+        with reader.snapshot() as older:  # begun before the handles open
+            with reader.snapshot() as snap:
+                assert snap.json_fetcher("up") is None  # found, not yet open
+            with reader.snapshot() as snap:
+                assert snap.json_fetcher("up") is not None  # opened before it began
+            # LMDB does not let a transaction use a handle opened after it
+            # began: the older snapshot reads the records, without the view
+            assert older.json_fetcher("up") is None
+            assert older.raw("up", b"u00004") is not None
         with reader.snapshot() as snap:
             fetch = snap.json_fetcher("up")
             assert fetch is not None

@@ -225,3 +225,20 @@ def test_a_reader_process_survives_map_growth(
         assert int(version) > first and int(size) == 250_000
         assert int(resizes) == resizes_expected
         assert proc.returncode == 0
+
+
+def test_a_snapshot_never_uses_handles_opened_after_it_began(setup: Setup) -> None:
+    """LMDB refuses a database handle in a transaction that began before
+    the handle was opened: a snapshot that meets a dataset whose handles
+    another snapshot opened meanwhile says it appeared after it began (or,
+    having read nothing yet, begins again) instead of an LMDB error."""
+    with Reader.over(setup.mirror) as reader:
+        setup.mirror.ensure("late")  # exists before the snapshots below
+        with reader.snapshot() as older:
+            assert older.version("up") is not None
+            with reader.snapshot() as newer:
+                assert newer.raw("late", b"k") is None  # opens its handles
+            with pytest.raises(UnknownDatasetError, match="appeared after"):
+                older.raw("late", b"k")
+        with reader.snapshot() as fresh:
+            assert fresh.raw("late", b"k") is None
