@@ -223,13 +223,15 @@ class _ThreadTxn:
     """One thread's cached read transaction (see the module docstring). Its
     lock is held only for the length of one read, and by the reaper."""
 
-    __slots__ = ("__weakref__", "datasets", "gen", "lock", "txn", "txnid", "used")
+    __slots__ = ("__weakref__", "began", "datasets", "gen", "lock", "txn", "txnid", "used")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.txn: Any = None
         self.txnid = -1
         self.gen = -1
+        self.began = 0
+        """The reader's handle serial when ``txn`` began (``Snapshot._began``)."""
         self.used = False
         self.datasets: dict[str, _Dataset] = {}
 
@@ -763,7 +765,7 @@ class Reader:
         assert self._pages is not None
         if st.txn is None or st.txnid != self._pages.txnid() or st.gen != self._handles_gen:
             st.drop()
-            st.gen = self._handles_gen
+            st.gen, st.began = self._handles_gen, self._serial
             st.txn = self._begin()
             st.txnid = st.txn.id()
         st.used = True
@@ -771,9 +773,14 @@ class Reader:
         if ds is None:
             try:
                 ds = self._resolve(st.txn, name)
+                if self._d_serial.get(name, 0) > st.began:
+                    # another thread opened its handles after this
+                    # transaction began: LMDB will not let it use them
+                    raise _HandlesMissingError(name)
             except _HandlesMissingError:
                 st.drop()
                 self._open_handles(name)
+                st.began = self._serial
                 st.txn = self._begin()
                 st.txnid = st.txn.id()
                 ds = self._resolve(st.txn, name)

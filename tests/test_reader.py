@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,46 @@ def test_a_snapshot_never_uses_handles_opened_after_it_began(setup: Setup) -> No
                 older.raw("late", b"k")
         with reader.snapshot() as fresh:
             assert fresh.raw("late", b"k") is None
+
+
+def test_a_threads_cached_transaction_never_uses_handles_opened_after_it_began(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """``Reader.get`` reuses one transaction per thread: a dataset whose
+    handles another thread opened after that transaction began is read in
+    a new one, not with handles LMDB refuses there."""
+    setup.mirror.close()
+    path = tmp_path / "mirror"
+    reader = Reader(path)
+    # a dataset the reader has not met: registered by a sidecar process
+    script = "import sys; from sidecar.mirror import Mirror; Mirror(sys.argv[1]).ensure('late')"
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        check=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    step = threading.Event()
+    done = threading.Event()
+    seen: list[object] = []
+
+    def thread_a() -> None:
+        try:
+            assert reader.get("up", b"u001") is not None  # its transaction begins
+            step.set()
+            done.wait(10)
+            seen.append(reader.get("late", b"k"))  # late's handles are newer
+        except BaseException as exc:
+            seen.append(exc)
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    try:
+        assert step.wait(10)
+        assert reader.get("late", b"k") is None  # this thread opens late's handles
+    finally:
+        done.set()
+        a.join(10)
+        reader.close()
+    assert seen == [None]
