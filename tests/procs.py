@@ -94,3 +94,18 @@ class ManagedProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def run_python(script: str, *args: str, timeout: float = 60.0) -> None:
+    """Run ``script`` in a new Python process with this checkout on its
+    path (another process: LMDB opens an environment once per process)."""
+    import os
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    subprocess.run(
+        [sys.executable, "-c", script, *args],
+        check=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": root},
+    )

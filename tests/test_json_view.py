@@ -5,9 +5,6 @@ Reader and the socket's commands. Real origin store, real LMDB files."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from sidecar.json_render import RENDERING, JsonRenderer, bulk, renders_alike, to
 from sidecar.mirror import Mirror
 from sidecar.reader import Reader, codec_from_definition
 from sidecar.resp_commands import Dispatcher, ServerFacts, Session
+from tests.procs import run_python
 from tests.test_mirror import connect, ok
 
 
@@ -383,13 +381,7 @@ def test_a_reader_open_before_the_view_began_takes_it_up(
             "while m.json_step('up'): pass\n"
             "m.close()\n"
         )
-        root = str(Path(__file__).resolve().parents[1])
-        subprocess.run(
-            [sys.executable, "-c", script, str(path)],
-            check=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": root},
-        )
+        run_python(script, str(path))
         with reader.snapshot() as older:  # begun before the handles open
             with reader.snapshot() as snap:
                 assert snap.json_fetcher("up") is None  # found, not yet open

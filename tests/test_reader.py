@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from replicad.sample import seed_like_record, seed_like_schema
 from replicad.store import OriginStore
 from sidecar import Reader, StaleDataError
 from sidecar.mirror import Mirror
+from tests.procs import run_python
 
 
 def ok(result: WriteResult | Exception) -> WriteResult:
@@ -257,13 +257,7 @@ def test_a_threads_cached_transaction_never_uses_handles_opened_after_it_began(
     reader = Reader(path)
     # a dataset the reader has not met: registered by a sidecar process
     script = "import sys; from sidecar.mirror import Mirror; Mirror(sys.argv[1]).ensure('late')"
-    root = str(Path(__file__).resolve().parents[1])
-    subprocess.run(
-        [sys.executable, "-c", script, str(path)],
-        check=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": root},
-    )
+    run_python(script, str(path))
     step = threading.Event()
     done = threading.Event()
     seen: list[object] = []
