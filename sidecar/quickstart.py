@@ -36,33 +36,23 @@ import httpx
 from replicad.client import OriginClient
 from replicad.sample import seed_like_record, seed_like_schema
 from sidecar.reader import Reader
+from sidecar.resp import encode
 
 
 def _hget(path: Path, dataset: str, key: str) -> bytes | None:
     """``HGET dataset key`` over the Redis protocol on a unix socket (what
     ``redis-cli -s PATH HGET ...`` sends), without a client library."""
-    args = [b"HGET", dataset.encode(), key.encode()]
-    request = b"*3\r\n" + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(path))
-        s.sendall(request)
-        data = b""
-        while True:
-            head, found, rest = data.partition(b"\r\n")
-            if found and (head == b"$-1" or not head.startswith(b"$")):
-                break
-            if found and len(rest) >= int(head[1:]) + 2:
-                break
-            chunk = s.recv(65536)
-            if not chunk:
-                raise SystemExit(f"the socket closed after {data[:200]!r}")
-            data += chunk
-    if head == b"$-1":
-        return None
-    if not head.startswith(b"$"):
-        raise SystemExit(f"the socket answered {data[:200]!r}")
-    return rest[: int(head[1:])]
+        s.sendall(encode([b"HGET", dataset.encode(), key.encode()]))  # a command: an array
+        replies = s.makefile("rb")
+        head = replies.readline()
+        if head == b"$-1\r\n":
+            return None
+        if not head.startswith(b"$"):
+            raise SystemExit(f"the socket answered {head[:200]!r}")
+        return replies.read(int(head[1:]) + 2)[:-2]
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

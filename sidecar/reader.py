@@ -345,8 +345,8 @@ class Snapshot:
         only until this snapshot ends (copy what you keep), or ``bytes`` in
         a snapshot without buffers -- or None when the key is absent (an
         empty key raises LMDB's BadValsizeError here: callers check, as the
-        server does), with the codec that decodes them and the version they belong to; None
-        while the dataset has no version. As with :meth:`get`, a key found
+        server does), with the codec that decodes them and the version they
+        belong to; None while the dataset has no version. As with :meth:`get`, a key found
         in a dataset whose stale data is refused raises StaleDataError, an
         absent one is None (staleness is checked here, once; only a refusing
         reader pays for a check per key)."""

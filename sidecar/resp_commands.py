@@ -52,7 +52,7 @@ from replicad.codec import HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY, DatasetCodec
 from replicad.errors import ReplicadError, UnknownDatasetError
 from replicad.messages import Cursor
 from replicad.origin_types import DATASET_NAME
-from sidecar.json_render import JsonRenderer, to_json
+from sidecar.json_render import JsonRenderer, bulk, to_json
 from sidecar.reader import Record
 from sidecar.resp import Error, Map, Reply, encode
 
@@ -554,8 +554,7 @@ class Dispatcher:
                 return b"$%d\r\n%b\r\n" % (len(value), value)
             out = entries.get(raw)
             if out is None:
-                text = render(raw)
-                out = b"$%d\r\n%b\r\n" % (len(text), text)
+                out = bulk(render(raw))
                 store(bytes(raw), out)  # a view dies with its snapshot (bytes: as is)
             else:
                 last_key, last_out = key, out
