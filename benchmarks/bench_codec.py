@@ -7,7 +7,11 @@ strings, bools, a small int list; about 400 characters of compact JSON):
 * encoded size per record against ``json.dumps(record, separators=(",", ":"))``;
 * ``encode``, ``decode`` (to a dict), ``decode_values`` (the reader's list) and
   ``encode`` + ``decode`` per record, in microseconds, with ``json.dumps`` /
-  ``json.loads`` of the same records as anchors.
+  ``json.loads`` of the same records as anchors;
+* building a codec for a definition whose dictionary grew (every reader,
+  socket worker and the mirror's JSON view build one per definition; the
+  generated code is compiled once per schema list), against building it with
+  the compiled code forgotten first (a schema list never seen).
 
 Times are per record over a loop through the batch (the loop's own overhead,
 a few tens of nanoseconds, is included), median of several runs.
@@ -20,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks.common import Row, median_time
-from replicad.codec import DatasetCodec
+from replicad import codec as codec_module
+from replicad.codec import DatasetCodec, Dictionary
 from replicad.sample import seed_like_record, seed_like_schema
 
 _US = 1e6
@@ -63,7 +68,19 @@ def rows(quick: bool) -> list[Row]:
     def json_round_trip(record: dict[str, Any]) -> None:
         loads(compact(record))
 
+    schemas = [seed_like_schema()]
+
+    def build() -> None:
+        DatasetCodec(schemas, Dictionary())
+
+    def build_compiling() -> None:
+        codec_module._compiled.cache_clear()
+        DatasetCodec(schemas, Dictionary())
+
     t = {
+        "build": median_time(build, number=number // 10 or 1, repeat=repeat) * _US,
+        "build_compiling": median_time(build_compiling, number=number // 10 or 1, repeat=repeat)
+        * _US,
         "encode": _per_record(encode, records, number=number, repeat=repeat),
         "dumps": _per_record(compact, records, number=number, repeat=repeat),
         "decode": _per_record(decode, encoded, number=number, repeat=repeat),
@@ -129,6 +146,13 @@ def rows(quick: bool) -> list[Row]:
             "json dumps + loads",
             target="<= 5 us",
             met=t["lazy_both"] <= 5.0,
+        ),
+        Row(
+            "codec: a new codec, same schemas (a definition whose dictionary grew)",
+            t["build"],
+            "us",
+            t["build_compiling"],
+            "the same with its generated code compiled",
         ),
     ]
 

@@ -11,7 +11,10 @@ real machinery (origin store -> loopback -> LMDB mirror), in this process:
   median.
 * **Build**: the background build after the bootstrap (``Mirror.json_step``
   until done), per record, against the bootstrap's own apply per record
-  (snapshot chunks and promotion) of the same mirror.
+  (snapshot chunks and promotion) of the same mirror; and how long each step
+  holds the mirror's write lock (its write transaction, ``_json_write``:
+  what a pushed version may wait for meanwhile) against the whole step,
+  medians over the steps.
 * **Space**: the pages the mirror's B-trees use (LMDB's page count of the
   environment's last page), with the view against without.
 
@@ -36,7 +39,7 @@ from replicad.origin_types import DatasetSpec, WriteBatch
 from replicad.replica import ReplicaSync
 from replicad.sample import seed_like_record, seed_like_schema
 from replicad.store import OriginStore
-from sidecar.mirror import Mirror
+from sidecar.mirror import JSON_STEP, Mirror
 
 DATASET = "user_profile"
 STEP = 20_000
@@ -104,9 +107,24 @@ def rows(quick: bool) -> list[Row]:
         mirrors += [plain, viewed]
         plain.follow()
         bootstrap = viewed.follow()
+        holds: list[float] = []
+        steps: list[float] = []
+        write = viewed.mirror._json_write
+
+        def timed_write(*args: Any) -> bool:
+            t0 = time.perf_counter()
+            try:
+                return write(*args)
+            finally:
+                holds.append(time.perf_counter() - t0)
+
+        viewed.mirror._json_write = timed_write  # type: ignore[method-assign,assignment]
         began = time.perf_counter()
-        while viewed.mirror.json_step(DATASET):
-            pass
+        more = True
+        while more:
+            t0 = time.perf_counter()
+            more = viewed.mirror.json_step(DATASET)
+            steps.append(time.perf_counter() - t0)
         build = time.perf_counter() - began
         applies: dict[str, list[float]] = {"plain": [], "viewed": []}
         for run in range(3):
@@ -130,6 +148,14 @@ def rows(quick: bool) -> list[Row]:
                 "us",
                 anchor=bootstrap / n * 1e6,
                 anchor_name="the bootstrap's apply, per record",
+            ),
+            Row(
+                "json view: the write lock held per build step (its write transaction, "
+                f"{JSON_STEP:,} records; median of {len(holds)})",
+                statistics.median(holds) * 1e3,
+                "ms",
+                anchor=statistics.median(steps) * 1e3,
+                anchor_name="the whole step (reading and rendering outside the lock)",
             ),
             Row(
                 f"json view: the mirror's pages with a view ({n:,} records)",

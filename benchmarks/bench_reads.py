@@ -22,7 +22,11 @@ asks for. The anchor holds, in one hash per dataset, exactly the bytes our
   the value is the stored bytes), and ``HGET profile_view`` of random keys:
   the typed records again, in a dataset the sidecar keeps a JSON view of
   (``json_views``: the replies stored beside the records at apply time).
-  The anchor answers all four from a hash of the JSON strings.
+  The anchor answers all four from a hash of the JSON strings. With each
+  run, the CPU the servers used per request (the sidecar's socket workers,
+  its children, and redis-server: user + system time from ``/proc/PID/stat``
+  around the run), median of the runs: where Python's cost per request
+  shows, with the load generator's share of the two cores left out.
 * **Reads while a diff applies**: a probe process sends ``HGET`` of random
   keys at 1,000/s on one connection and stamps each round trip
   (CLOCK_MONOTONIC, shared by every process of the host). p99 of the
@@ -49,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import socket
@@ -114,6 +119,9 @@ class _Setup:
     socket: Path
     redis_socket: Path | None
     mirror: Path
+    sidecar_pid: int = 0
+    """The sidecar process (its children are the socket workers)."""
+    redis_pid: int = 0
 
 
 def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> _Setup:
@@ -156,6 +164,7 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
     wait("sidecar socket", sidecar, _pings(sock), 30)
     wait("sidecar JSON view", sidecar, lambda: _view_built(health), 600)
     redis_sock = None
+    redis_proc = None
     if have_redis:
         redis_sock = tmp / "redis.sock"
         redis_cmd = [
@@ -166,7 +175,9 @@ def _start(stack: contextlib.ExitStack, tmp: Path, n: int, have_redis: bool) -> 
         stack.callback(redis_proc.stop)
         wait("redis-server", redis_proc, _pings(redis_sock), 30)
         _load_redis(redis_sock, n, codec)
-    return _Setup(url, health, sock, redis_sock, mirror)
+    return _Setup(
+        url, health, sock, redis_sock, mirror, sidecar.pid, redis_proc.pid if redis_proc else 0
+    )
 
 
 def _view_built(health: str) -> bool:
@@ -227,6 +238,39 @@ def _redis_benchmark(path: Path, requests: int, pipeline: int, command: list[str
     raise RuntimeError(f"redis-benchmark failed: {done.stdout[-300:]} {done.stderr[-300:]}")
 
 
+def _cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes used so far (/proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the sidecar's socket workers)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _timed_benchmark(
+    path: Path, pids: list[int], requests: int, pipeline: int, command: list[str]
+) -> tuple[float, float]:
+    """``redis-benchmark``'s requests/s, and the server processes' CPU per
+    request (us; NaN where /proc cannot tell)."""
+    try:
+        before = _cpu(pids) if pids else math.nan
+    except OSError:
+        before = math.nan
+    rate = _redis_benchmark(path, requests, pipeline, command)
+    if math.isnan(before):
+        return rate, before
+    return rate, (_cpu(pids) - before) / requests * 1e6
+
+
 @dataclass(frozen=True)
 class _Case:
     name: str
@@ -261,6 +305,11 @@ def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
     ]
     runs = 1 if quick else 3
     out: list[Row] = []
+    cpu_rows: list[Row] = []
+    try:
+        workers = _children(setup.sidecar_pid)
+    except OSError:  # no /proc: the CPU rows are NaN
+        workers = []
     for pipeline in (1, 16):
         # -P 16: 800,000 requests, about a second or more for both servers
         # (200,000 took redis-server 0.2-0.3 s: too short a run to be steady)
@@ -268,15 +317,31 @@ def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
         for case in cases:
             ours: list[float] = []
             anchor: list[float] = []
+            cpu_ours: list[float] = []
+            cpu_anchor: list[float] = []
             for _ in range(runs):
-                ours.append(_redis_benchmark(setup.socket, requests, pipeline, case.ours))
+                rate, cpu = _timed_benchmark(setup.socket, workers, requests, pipeline, case.ours)
+                ours.append(rate)
+                cpu_ours.append(cpu)
                 if setup.redis_socket is not None:
-                    anchor.append(
-                        _redis_benchmark(setup.redis_socket, requests, pipeline, case.anchor)
+                    rate, cpu = _timed_benchmark(
+                        setup.redis_socket, [setup.redis_pid], requests, pipeline, case.anchor
                     )
+                    anchor.append(rate)
+                    cpu_anchor.append(cpu)
             value = statistics.median(ours)
             ref = statistics.median(anchor) if anchor else float("nan")
             p = f" -P {pipeline}" if pipeline > 1 else ""
+            cpu_rows.append(
+                Row(
+                    f"reads: server CPU per request, {case.name}; -c {CLIENTS}{p} "
+                    f"(the socket workers' /proc times, median of {runs})",
+                    statistics.median(cpu_ours),
+                    "us",
+                    anchor=statistics.median(cpu_anchor) if cpu_anchor else float("nan"),
+                    anchor_name="redis-server's, the same load",
+                )
+            )
             out.append(
                 Row(
                     f"reads: {case.name}; redis-benchmark -s -c {CLIENTS}{p} (median of {runs})",
@@ -288,7 +353,7 @@ def _throughput(setup: _Setup, n: int, quick: bool) -> list[Row]:
                     met=None if not anchor else value / ref >= 0.5,
                 )
             )
-    return out
+    return out + cpu_rows
 
 
 def _missing_throughput() -> list[Row]:
