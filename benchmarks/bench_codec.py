@@ -11,7 +11,12 @@ strings, bools, a small int list; about 400 characters of compact JSON):
 * building a codec for a definition whose dictionary grew (every reader,
   socket worker and the mirror's JSON view build one per definition; the
   generated code is compiled once per schema list), against building it with
-  the compiled code forgotten first (a schema list never seen).
+  the compiled code forgotten first (a schema list never seen);
+* reading an opaque value that holds a record's JSON (about 500 bytes, what
+  ``HGET profile_json`` serves in ``bench_reads``) stored as is, against the
+  same value stored Snappy-compressed (Snappy saves about a tenth of such
+  values, less than the eighth the encoder asks for since 2026-12-07, so
+  it stores most of them as is: ``replicad.layout.compression_pays``).
 
 Times are per record over a loop through the batch (the loop's own overhead,
 a few tens of nanoseconds, is included), median of several runs.
@@ -23,10 +28,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import cramjam
+
 from benchmarks.common import Row, median_time
 from replicad import codec as codec_module
-from replicad.codec import DatasetCodec, Dictionary
+from replicad.codec import HEADER_OPAQUE_SNAPPY, DatasetCodec, Dictionary
 from replicad.sample import seed_like_record, seed_like_schema
+from sidecar.json_render import to_json
 
 _US = 1e6
 
@@ -69,6 +77,13 @@ def rows(quick: bool) -> list[Row]:
         loads(compact(record))
 
     schemas = [seed_like_schema()]
+    opaque = DatasetCodec(None)
+    stored_raw = [opaque.encode_opaque(to_json(decode(e))) for e in encoded]
+    stored_snappy = [
+        bytes([HEADER_OPAQUE_SNAPPY]) + bytes(cramjam.snappy.compress_raw(v[1:]))
+        for v in stored_raw
+    ]
+    saved = 1 - sum(map(len, stored_snappy)) / sum(map(len, stored_raw))
 
     def build() -> None:
         DatasetCodec(schemas, Dictionary())
@@ -93,6 +108,10 @@ def rows(quick: bool) -> list[Row]:
         "both": _per_record(round_trip, records, number=number, repeat=repeat),
         "lazy_both": _per_record(lazy_round_trip, records, number=number, repeat=repeat),
         "json_both": _per_record(json_round_trip, records, number=number, repeat=repeat),
+        "opaque_raw": _per_record(opaque.decode_opaque, stored_raw, number=number, repeat=repeat),
+        "opaque_snappy": _per_record(
+            opaque.decode_opaque, stored_snappy, number=number, repeat=repeat
+        ),
     }
     return [
         Row(
@@ -153,6 +172,14 @@ def rows(quick: bool) -> list[Row]:
             "us",
             t["build_compiling"],
             "the same with its generated code compiled",
+        ),
+        Row(
+            f"codec: read an opaque value of {sum(map(len, stored_raw)) / count:.0f} bytes"
+            " (a record's JSON) stored as is (decode_opaque)",
+            t["opaque_raw"],
+            "us",
+            t["opaque_snappy"],
+            f"the same stored Snappy-compressed ({saved:.0%} smaller)",
         ),
     ]
 

@@ -48,7 +48,9 @@ variable field has an empty span.
 
 Compression is per record, only where it pays: the payload is compressed
 when it is at least :data:`~replicad.layout.FIXED_COMPRESS_MIN_BYTES` (256)
-long and Snappy saves at least 10% (``compressed * 10 <= payload * 9``). This
+long and Snappy saves at least 12.5% (``compressed * 8 <= payload * 7``,
+:func:`~replicad.layout.compression_pays`; opaque values the same from
+:data:`COMPRESS_MIN_BYTES`). This
 is a deterministic function of the payload, so it keeps the encoding
 canonical. A compressed record costs a Snappy call on every read, one-field
 reads included, and frames compress every batch on the wire anyway; so short
@@ -106,6 +108,7 @@ from replicad.errors import (
     ValueTooLargeError,
 )
 from replicad.layout import (
+    COMPRESSED_KEEP,
     FIXED_COMPRESS_MIN_BYTES,
     HEADER_FIXED,
     HEADER_FIXED_SNAPPY,
@@ -116,6 +119,7 @@ from replicad.layout import (
     SPILL,
     Layout,
     LayoutError,
+    compression_pays,
     field_getter,
     read_bools,
     read_floats,
@@ -766,7 +770,8 @@ class _Generator:
             src += [
                 f"    if n >= {FIXED_COMPRESS_MIN_BYTES}:",
                 "        z = compress_raw(value[1:])",
-                "        if len(z) * 10 <= n * 9:",
+                # compression_pays, inlined
+                f"        if len(z) * {COMPRESSED_KEEP[1]} <= n * {COMPRESSED_KEEP[0]}:",
                 "            return H2Z + z",
             ]
         src += ["    return value", ""]
@@ -1402,7 +1407,7 @@ class DatasetCodec:
             raise ValueTooLargeError(f"value of {n} bytes is larger than {self._max_value_bytes}")
         if self._compress and n >= COMPRESS_MIN_BYTES:
             z = _compress_raw(value)
-            if len(z) * 10 <= n * 9:
+            if compression_pays(len(z), n):
                 return _H_OPAQUE_SNAPPY + z
         return _H_OPAQUE + value
 

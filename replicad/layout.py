@@ -53,8 +53,9 @@ zero, the spill tail is present exactly when a code is 0xFFFFFFFF. (Readers
 accept some non-canonical bytes too -- another width, unused null bits --
 and decode them; the encoder never writes them.) Compression
 (raw Snappy of the payload) is used only for payloads of at least
-:data:`FIXED_COMPRESS_MIN_BYTES` that it shrinks by 10 % or more: a
-compressed record gives up the one-call field read.
+:data:`FIXED_COMPRESS_MIN_BYTES` that it shrinks by 12.5 % or more
+(:func:`compression_pays`): a compressed record gives up the one-call field
+read.
 
 This module describes a schema version's layout (:class:`Layout`) and makes
 the single-field readers (:func:`field_getter`); :mod:`replicad.codec`
@@ -82,6 +83,21 @@ SPILL = 0xFFFFFFFF
 FIXED_COMPRESS_MIN_BYTES = 256
 """Fixed-layout payloads shorter than this are never compressed: a compressed
 record costs a Snappy call on every read, including one-field reads."""
+
+COMPRESSED_KEEP = (7, 8)
+"""A record's (or opaque value's) Snappy block is kept only when it is at
+most 7/8 of the payload, that is when it saves at least 12.5 % (RocksDB's
+default for its blocks, ``max_compressed_bytes_per_kb`` = 896): every read
+of a compressed value pays for the Snappy call, which for a 500-byte JSON
+value was a fifth of a socket worker's CPU per ``HGET`` (docs/benchmarks.md,
+session 12)."""
+
+
+def compression_pays(compressed: int, payload: int) -> bool:
+    """Whether a Snappy block of ``compressed`` bytes is kept for a payload of
+    ``payload`` bytes (:data:`COMPRESSED_KEEP`)."""
+    return compressed * COMPRESSED_KEEP[1] <= payload * COMPRESSED_KEEP[0]
+
 
 INT_CHARS = "bhiq"
 """struct codes of the four int widths (1, 2, 4, 8 bytes), by width code."""
