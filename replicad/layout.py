@@ -89,8 +89,8 @@ COMPRESSED_KEEP = (7, 8)
 most 7/8 of the payload, that is when it saves at least 12.5 % (RocksDB's
 default for its blocks, ``max_compressed_bytes_per_kb`` = 896): every read
 of a compressed value pays for the Snappy call, which for a 500-byte JSON
-value was a fifth of a socket worker's CPU per ``HGET`` (docs/benchmarks.md,
-session 12)."""
+value was a fifth of a socket worker's CPU per ``HGET`` under ``-P 16``
+pipelines (docs/benchmarks.md, session 12)."""
 
 
 def compression_pays(compressed: int, payload: int) -> bool:

@@ -12,6 +12,7 @@ import random
 import struct
 import types
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import cramjam
@@ -264,11 +265,14 @@ def test_short_payloads_are_never_compressed() -> None:
     assert codec.encode({"text": "a" * (short + 1)})[0] == HEADER_FIXED_SNAPPY
 
 
-def _savings_sweep() -> list[bytes]:
-    """400-byte values whose Snappy block saves from nothing to about a
-    third: random bytes, then a growing run of zeros."""
+def _savings_sweep() -> Iterator[bytes]:
+    """Values of 380-420 bytes whose Snappy block saves from nothing to about
+    a third: random bytes, then a growing run of zeros (Snappy's output
+    grows in steps, so the lengths vary too, to land in every narrow band)."""
     rng = random.Random(7)
-    return [rng.randbytes(400 - zeros) + bytes(zeros) for zeros in range(160)]
+    for zeros in range(160):
+        for size in range(380, 421, 5):
+            yield rng.randbytes(size - zeros) + bytes(zeros)
 
 
 def test_compression_is_kept_only_when_it_saves_an_eighth() -> None:
@@ -294,7 +298,7 @@ def test_compression_is_kept_only_when_it_saves_an_eighth() -> None:
                 assert encoded[0] == header - 1 and encoded[1:] == payload
                 between[header] += z * 10 <= len(payload) * 9
     # the sweep reaches the band the old rule (10 %) compressed, for both kinds
-    assert min(between.values()) >= 2, between
+    assert min(between.values()) >= 10, between
 
 
 def test_int_for_float_is_converted_and_canonical() -> None:
