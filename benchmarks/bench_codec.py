@@ -32,7 +32,7 @@ import cramjam
 
 from benchmarks.common import Row, median_time
 from replicad import codec as codec_module
-from replicad.codec import HEADER_OPAQUE_SNAPPY, DatasetCodec, Dictionary
+from replicad.codec import HEADER_OPAQUE, HEADER_OPAQUE_SNAPPY, DatasetCodec, Dictionary
 from replicad.sample import seed_like_record, seed_like_schema
 from sidecar.json_render import to_json
 
@@ -83,6 +83,9 @@ def rows(quick: bool) -> list[Row]:
     stored_snappy = [
         bytes([HEADER_OPAQUE_SNAPPY]) + bytes(cramjam.snappy.compress_raw(j)) for j in jsons
     ]
+    # the two sets differ in nothing but the compression
+    assert all(v[0] == HEADER_OPAQUE for v in stored_raw)
+    assert [opaque.decode_opaque(v) for v in stored_snappy] == jsons
     saved = 1 - sum(map(len, stored_snappy)) / sum(map(len, stored_raw))
 
     def build() -> None:
