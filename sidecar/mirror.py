@@ -142,6 +142,15 @@ JSON_STEP = 1_024
 rendered outside the write lock (about 5 us a record), written under it."""
 
 
+def _put_view_rows(txn: Any, db: Any, rows: list[tuple[bytes, bytes | None]]) -> None:
+    """Write JSON view rows; a record rendered as None (it does not decode)
+    gets no row, so readers render it themselves and report what is wrong."""
+    txn.cursor(db=db).putmulti([(k, out) for k, out in rows if out is not None])
+    for k, out in rows:
+        if out is None:
+            txn.delete(k, db=db)
+
+
 def _digest_after(digest: Digest, changes: list[tuple[int, int | None, int | None]]) -> Digest:
     """The digest after ``(leaf, old hash, new hash)`` changes (XOR in, XOR out)."""
     count, xor = digest.count, digest.xor
@@ -944,11 +953,7 @@ class Mirror:
         txn = self._env.begin(write=True)
         try:
             get = txn.cursor(db=gen.records).get
-            same = [(k, out) for k, v, out in rendered if get(k) == v]
-            txn.cursor(db=gen.json).putmulti([(k, out) for k, out in same if out is not None])
-            for k, out in same:
-                if out is None:  # no row: readers render (and report) it
-                    txn.delete(k, db=gen.json)
+            _put_view_rows(txn, gen.json, [(k, out) for k, v, out in rendered if get(k) == v])
             self._put_ds(
                 txn, ds, ds.gen, ds.cursor, meta=None, synced_at=ds.synced_at, json_from=resume
             )
@@ -1003,13 +1008,7 @@ class Mirror:
             txn.cursor(db=leaves).putmulti(list(zip(rows, hashes, strict=True)))
             changes += zip(new_leaves, old_hashes, new_hashes, strict=True)
             if render is not None:
-                outs = [render(value) for _, value, _ in changed]
-                txn.cursor(db=gen.json).putmulti(
-                    [(c[0], out) for c, out in zip(changed, outs, strict=True) if out is not None]
-                )
-                for c, out in zip(changed, outs, strict=True):
-                    if out is None:  # no row: readers render (and report) it
-                        txn.delete(c[0], db=gen.json)
+                _put_view_rows(txn, gen.json, [(key, render(value)) for key, value, _ in changed])
         for key in batch.deletes:
             old = txn.pop(key, db=records)
             if old is None:
