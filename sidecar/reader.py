@@ -167,7 +167,12 @@ def codec_from_definition(definition: bytes) -> DatasetCodec:
 
 class _HandlesMissingError(Exception):
     """A dataset's database handles are not open yet: LMDB only lets a
-    transaction use handles opened before it began."""
+    transaction use handles opened before it began. ``view``: the dataset
+    has a JSON view, whose handles are to be opened too."""
+
+    def __init__(self, name: str, *, view: bool) -> None:
+        super().__init__(name)
+        self.view = view
 
 
 class _ResizeNeededError(Exception):
@@ -310,12 +315,13 @@ class Snapshot:
                 ds = reader._resolve(self._txn, name)
                 if reader._d_serial.get(name, 0) > self._began:
                     # another thread opened its handles after our transaction
-                    # began: LMDB will not let this transaction use them
-                    raise _HandlesMissingError(name)
-            except _HandlesMissingError:
+                    # began: LMDB will not let this transaction use them (a
+                    # view's handles missing meanwhile are opened as wanted)
+                    raise _HandlesMissingError(name, view=False)
+            except _HandlesMissingError as missing:
                 # a dataset new to this reader: open its handles and, if this
                 # snapshot has read nothing yet, begin again so it can see them
-                reader._open_handles(name)
+                reader._open_handles(name, view=missing.view)
                 if self._seen:
                     raise UnknownDatasetError(
                         f"dataset {name!r} appeared after this snapshot began; take a new one"
@@ -506,8 +512,8 @@ class Reader:
                 name="sidecar-reader-reaper",
                 daemon=True,
             ).start()
-        for name in self.datasets():
-            self._open_handles(name)
+        for name, view in self._views().items():
+            self._open_handles(name, view=view)
 
     @classmethod
     def over(cls, mirror: Any, **options: Any) -> Reader:
@@ -578,12 +584,17 @@ class Reader:
                         )
                     self._env.set_mapsize(0)
                 self.resizes += 1
-                names = {k.decode().split("/")[1] for k in self._dbs}
+                # the handles again: those of each dataset, and its view's
+                # where they were open
+                views: dict[str, bool] = {}
+                for k in self._dbs:
+                    kind, name, _ = k.decode().split("/")
+                    views[name] = views.get(name, False) or kind == "j"
                 self._dbs.clear()
                 self._cache.clear()
                 self._meta = self._env.open_db(b"meta", create=False)
-                for name in names:
-                    self._open_handles(name)
+                for name, view in views.items():
+                    self._open_handles(name, view=view)
                 self._handles_gen += 1
             finally:
                 for st in held:
@@ -615,14 +626,15 @@ class Reader:
                 self._snapshots -= 1
                 self._snapshots_done.notify_all()
 
-    def _open_handles(self, name: str) -> None:
+    def _open_handles(self, name: str, *, view: bool = True) -> None:
         """Open both generation slots of ``name`` (outside any transaction),
-        and its JSON view's if it has one; number what was opened, so that a
-        snapshot begun before does not use it (``Snapshot._dataset``)."""
+        and, with ``view``, its JSON view's if they exist; number what was
+        opened, so that a snapshot begun before does not use it
+        (``Snapshot._dataset``)."""
         with self._handles_lock:
             opened: set[str] = set()
             try:
-                self._open_slots(name, opened)
+                self._open_slots(name, opened, view)
             finally:
                 if opened:
                     self._serial += 1
@@ -631,7 +643,7 @@ class Reader:
                     if "j" in opened:
                         self._j_serial[name] = self._serial
 
-    def _open_slots(self, name: str, opened: set[str]) -> None:
+    def _open_slots(self, name: str, opened: set[str], view: bool) -> None:
         for slot in (0, 1):
             dbname = f"d/{name}/{slot}".encode()
             if dbname not in self._dbs:
@@ -645,7 +657,7 @@ class Reader:
                 except lmdb.NotFoundError:
                     raise UnknownDatasetError(f"the mirror has no dataset {name!r}") from None
                 opened.add("d")
-        for slot in (0, 1):
+        for slot in (0, 1) if view else ():
             dbname = f"j/{name}/{slot}".encode()
             if dbname not in self._dbs:
                 with suppress(lmdb.NotFoundError):  # no JSON view (yet)
@@ -682,11 +694,12 @@ class Reader:
             else:
                 codec = codec_from_definition(definition)
                 self._codecs[name] = (definition, codec)
+        viewed = doc.get("json") is not None and codec is not None and codec.is_typed
         db = self._dbs.get(f"d/{name}/{gen % 2}".encode())
         if db is None:
-            raise _HandlesMissingError(name)
+            raise _HandlesMissingError(name, view=viewed)
         json = None
-        if doc.get("json") is not None and codec is not None and codec.is_typed:
+        if viewed:
             json = self._dbs.get(f"j/{name}/{gen % 2}".encode())
             if json is None:
                 # the view began after this reader opened the dataset: read
@@ -776,10 +789,10 @@ class Reader:
                 if self._d_serial.get(name, 0) > st.began:
                     # another thread opened its handles after this
                     # transaction began: LMDB will not let it use them
-                    raise _HandlesMissingError(name)
-            except _HandlesMissingError:
+                    raise _HandlesMissingError(name, view=False)
+            except _HandlesMissingError as missing:
                 st.drop()
-                self._open_handles(name)
+                self._open_handles(name, view=missing.view)
                 st.began = self._serial
                 st.txn = self._begin()
                 st.txnid = st.txn.id()
@@ -876,6 +889,15 @@ class Reader:
                 return snap.version(dataset)
         cursor: Cursor | None = self._fast(dataset, lambda txn, ds: ds.cursor)
         return cursor
+
+    def _views(self) -> dict[str, bool]:
+        """Each dataset, and whether its record says it has a JSON view."""
+        with self._txn_context() as txn:
+            return {
+                bytes(k)[3:].decode(): msgpack.unpackb(v, raw=False).get("json") is not None
+                for k, v in txn.cursor(db=self._meta)
+                if bytes(k).startswith(b"ds/")
+            }
 
     def datasets(self) -> list[str]:
         with self._txn_context() as txn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import msgpack
 import pytest
 
@@ -446,3 +447,41 @@ def test_a_build_step_writes_nothing_when_the_view_was_emptied_meanwhile(
     assert_right(mirror, built=True)
     assert rows(mirror)[b"u00004"].endswith(b',"y":3}\r\n')
     mirror.close()
+
+
+def test_a_reader_opens_view_handles_only_where_a_view_is(
+    tmp_path: Path, origin: OriginStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start a reader opens the JSON view's databases of the datasets
+    whose record says they have one, and tries none for the others."""
+    path = tmp_path / "m"
+    mirror, *_ = synced(path, origin)
+    mirror.ensure("plain")  # no view
+    build(mirror)
+    mirror.close()
+    asked: list[bytes] = []
+    real_open = lmdb.open
+
+    class Counting:
+        def __init__(self, env: Any) -> None:
+            self._env = env
+
+        def open_db(self, name: bytes, **options: Any) -> Any:
+            asked.append(name)
+            return self._env.open_db(name, **options)
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self._env, attr)
+
+    monkeypatch.setattr("sidecar.reader.lmdb.open", lambda *a, **k: Counting(real_open(*a, **k)))
+    reader = Reader(path, idle_release=0)
+    try:
+        views = sorted(n for n in asked if n.startswith(b"j/"))
+        assert views == [b"j/up/0", b"j/up/1"]
+        assert {b"d/plain/0", b"d/plain/1"} <= set(asked)
+        with reader.snapshot() as snap:
+            assert snap.json_fetcher("up") is not None
+            assert snap.json_fetcher("plain") is None
+        assert sorted(n for n in asked if n.startswith(b"j/")) == views  # nothing more
+    finally:
+        reader.close()
