@@ -99,7 +99,8 @@ from replicad.merkle import EMPTY_DIGEST, Digest, entry_hash
 from replicad.messages import SnapshotChunk, SnapshotRequest, from_wire, to_wire
 from sidecar.json_render import JsonRenderer, bulk
 from sidecar.reader import Reader, codec_from_definition
-from tests.origin_proc import ROOT, OriginProcess, free_port
+from tests.origin_proc import OriginProcess, free_port
+from tests.procs import ROOT
 from tests.sidecar_proc import SidecarProcess
 
 FRAME = "application/x-replicad-frame"

@@ -25,9 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from tests.procs import ManagedProcess
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.procs import ROOT, ManagedProcess
 
 
 def _ephemeral_ports() -> tuple[int, int]:

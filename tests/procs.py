@@ -4,13 +4,18 @@ timeout) or killed outright. Shared by the origin and sidecar fixtures."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The checkout: child processes find the project's packages here."""
 
 
 class ManagedProcess:
@@ -99,13 +104,10 @@ class ManagedProcess:
 def run_python(script: str, *args: str, timeout: float = 60.0) -> None:
     """Run ``script`` in a new Python process with this checkout on its
     path (another process: LMDB opens an environment once per process)."""
-    import os
-    import sys
-
-    root = str(Path(__file__).resolve().parent.parent)
+    path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     subprocess.run(
         [sys.executable, "-c", script, *args],
         check=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": root},
+        env={**os.environ, "PYTHONPATH": path},
     )

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from tests.origin_proc import ROOT, free_port
-from tests.procs import ManagedProcess
+from tests.origin_proc import free_port
+from tests.procs import ROOT, ManagedProcess
 
 
 class SidecarProcess(ManagedProcess):

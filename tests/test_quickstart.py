@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.origin_proc import ROOT
+from tests.procs import ROOT
 
 
 def test_quickstart_runs_the_whole_system_and_cleans_up(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ import redis
 
 from replicad.codec import DatasetCodec
 from replicad.sample import seed_like_record, seed_like_schema
-from tests.origin_proc import ROOT, OriginProcess
+from tests.origin_proc import OriginProcess
+from tests.procs import ROOT
 from tests.sidecar_proc import SidecarProcess
 from tests.test_sched import custom_slices_supported, slice_of
 

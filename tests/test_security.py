@@ -29,7 +29,8 @@ import pytest
 
 from sidecar.reader import Reader
 from tests.chaos import PatientSidecar
-from tests.origin_proc import ROOT, OriginProcess, free_port
+from tests.origin_proc import OriginProcess, free_port
+from tests.procs import ROOT
 
 WRITE = "wtok-secret-6c1f0e9d8b7a"
 READ = "rtok-secret-3e5d7c9b1a2f"

@@ -24,7 +24,7 @@ from replicad.schema import Field, FieldType, Schema
 from replicad.store import OriginStore
 from sidecar import cli
 from sidecar.mirror import Mirror
-from tests.origin_proc import ROOT
+from tests.procs import ROOT
 
 
 def ok(result: WriteResult | Exception) -> WriteResult:

@@ -15,7 +15,8 @@ import msgpack
 
 from replicad.sample import seed_like_record, seed_like_schema
 from sidecar import Reader
-from tests.origin_proc import ROOT, OriginProcess
+from tests.origin_proc import OriginProcess
+from tests.procs import ROOT
 from tests.sidecar_proc import SidecarProcess
 
 

@@ -43,7 +43,8 @@ import pytest
 from replicad.errors import ConfigError
 from sidecar import Reader, cli
 from sidecar.config import SidecarConfig, load
-from tests.origin_proc import ROOT, OriginProcess, free_port
+from tests.origin_proc import OriginProcess, free_port
+from tests.procs import ROOT
 
 SETTINGS = sorted({f.name for f in dataclasses.fields(SidecarConfig)} | {"token_file"})
 """Every setting: the TOML keys; ``SIDECAR_<NAME>`` are the variables."""

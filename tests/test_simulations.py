@@ -23,8 +23,8 @@ from simulations.report import build_report, dumps
 from simulations.scenarios import SCENARIOS, scenario
 from simulations.swarm import MIX, swarm
 from simulations.world import build, run
+from tests.procs import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SIM = [sys.executable, "-m", "simulations"]
 
 
